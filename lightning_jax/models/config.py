@@ -1,0 +1,270 @@
+"""Model configurations: frozen dataclasses with classmethod presets.
+
+`TNLConfig` describes TransNormerLLM (docs/tnl.md); `TransformerConfig` the LLaMA-style baseline with
+the same sizes, so that speed and quality compare on equal terms. Both validate every field in
+`__post_init__` (errors name the field, the value and what was expected), so a bad override through
+`dataclasses.replace(cfg, ...)` fails at once rather than deep inside a jit trace. Both count their
+parameters (`num_params`) and their training FLOPs per token (`flops_per_token`, for MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from lightning_jax.attention.schedules import SCHEDULES
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = (None, "reference", "recurrent", "xla", "pallas")
+SOFTMAX_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+# Block size `flops_per_token` assumes when the config leaves it to the implementation.
+DEFAULT_FLOPS_BLOCK_SIZE = 64
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: got {value!r}, expected one of {list(choices)}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: got {value!r}, expected True or False")
+
+
+def _check_positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name}: got {value!r}, expected a positive finite float")
+
+
+@dataclasses.dataclass(frozen=True)
+class _CommonConfig:
+    """Fields and checks shared by both model families."""
+
+    vocab_size: int = 256
+    num_layers: int = 2
+    hidden_dim: int = 64  # D, the residual stream width
+    num_heads: int = 4
+    # None: hidden_dim // num_heads, resolved at construction (so after dataclasses.replace of
+    # hidden_dim or num_heads, pass head_dim=None too if it should follow).
+    head_dim: int | None = None
+    tie_embeddings: bool = True
+    scale_embedding: bool = True  # multiply token embeddings by sqrt(D)
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: matmul operands and activations
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    scan_layers: bool = False  # lax.scan over stacked identical layers (faster compile, long models)
+    remat: str = "none"  # activation checkpointing per layer: one of REMAT_POLICIES
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "hidden_dim", "num_heads"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"num_heads: got {self.num_heads}, expected a divisor of hidden_dim={self.hidden_dim}"
+            )
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_dim // self.num_heads)
+        _check_int("head_dim", self.head_dim, minimum=1)
+        for name in ("tie_embeddings", "scale_embedding", "scan_layers"):
+            _check_bool(name, getattr(self, name))
+        _check_positive_float("norm_eps", self.norm_eps)
+        _check_positive_float("init_std", self.init_std)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+
+    @property
+    def attention_dim(self) -> int:
+        """heads x head_dim: the width of the token mixer's q, k, v (and gate) projections."""
+        return self.num_heads * self.head_dim
+
+    def _embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_dim * (1 if self.tie_embeddings else 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TNLConfig(_CommonConfig):
+    """TransNormerLLM: pre-norm blocks of a gated lightning-attention token mixer and an SGLU.
+
+    Sizes: D = `hidden_dim`; the mixer projects D -> 4 x `num_heads` x `head_dim` (q, k, v, gate u)
+    and back; the SGLU is D -> `glu_dim` (twice) -> D. `lrpe_layers` lists the layers whose q and k
+    get LRPE (doubling their head dim); the released models use layer 0 only. `decay` names the
+    per-layer rate schedule (lightning_jax.SCHEDULES); rates are fixed, not trained.
+    `attention_implementation` / `block_size` are passed to `lightning_attention` (None: its default).
+    """
+
+    glu_dim: int = 128
+    lrpe_layers: tuple[int, ...] = (0,)
+    decay: str = "tnl"
+    attention_implementation: str | None = None
+    block_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("glu_dim", self.glu_dim, minimum=1)
+        if not isinstance(self.lrpe_layers, tuple) or any(
+            isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < self.num_layers
+            for l in self.lrpe_layers
+        ):
+            raise ValueError(
+                f"lrpe_layers: got {self.lrpe_layers!r}, expected a tuple of layer indices in "
+                f"[0, num_layers={self.num_layers})"
+            )
+        if len(set(self.lrpe_layers)) != len(self.lrpe_layers):
+            raise ValueError(f"lrpe_layers: got {self.lrpe_layers!r}, expected no repeated layer")
+        _check_choice("decay", self.decay, tuple(SCHEDULES))
+        _check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, (int, np.integer))
+            or self.block_size < 1
+            or self.block_size & (self.block_size - 1)
+        ):
+            raise ValueError(
+                f"block_size: got {self.block_size!r}, expected a positive power of two or None"
+            )
+
+    # Presets ---------------------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TNLConfig":
+        """Byte-level toy model for CPU tests: 3 layers, D 64, 4 heads of 16, fp32 compute."""
+        fields = dict(vocab_size=256, num_layers=3, hidden_dim=64, num_heads=4, glu_dim=128)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def tnl_385m(cls, **overrides) -> "TNLConfig":
+        """TNL-385M (released config defaults): 24 layers, D 1024, 8 heads of 128, glu 2816, vocab
+        64000, LRPE on layer 0, tied embeddings. About 0.399 B parameters."""
+        fields = dict(
+            vocab_size=64000, num_layers=24, hidden_dim=1024, num_heads=8, head_dim=128, glu_dim=2816,
+            dtype="bfloat16",
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def tnl_15b(cls, **overrides) -> "TNLConfig":
+        """TNL3-15B: 42 layers, D 5120, 40 heads of 128. The vocab (~100K in the report) and glu_dim
+        (2.75 x D, the 385M ratio) are our choices: verify against a checkpoint before loading one."""
+        fields = dict(
+            vocab_size=100352, num_layers=42, hidden_dim=5120, num_heads=40, head_dim=128, glu_dim=14080,
+            dtype="bfloat16",
+        )
+        return cls(**{**fields, **overrides})
+
+    # Derived quantities ----------------------------------------------------------------------
+
+    def uses_lrpe(self, layer: int) -> bool:
+        return layer in self.lrpe_layers
+
+    def key_dim(self, layer: int) -> int:
+        """dim_k of layer `layer`'s attention: LRPE concatenates cos and sin parts, doubling it."""
+        return 2 * self.head_dim if self.uses_lrpe(layer) else self.head_dim
+
+    def rates(self, layer: int) -> np.ndarray:
+        """Decay rates of layer `layer`: float32 numpy [num_heads], a constant (never trained)."""
+        return SCHEDULES[self.decay](self.num_heads, layer, self.num_layers)
+
+    def _layer_matmul_params(self) -> int:
+        mixer = self.hidden_dim * 4 * self.attention_dim + self.attention_dim * self.hidden_dim
+        glu = 3 * self.hidden_dim * self.glu_dim
+        return mixer + glu
+
+    def num_params(self) -> int:
+        """Parameters: embeddings (+ untied lm_head), per-layer projections, LRPE thetas. Norms
+        (SRMSNorm) have none."""
+        lrpe = len(self.lrpe_layers) * self.attention_dim
+        return self._embedding_params() + self.num_layers * self._layer_matmul_params() + lrpe
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
+
+        6 x (matmul parameters, lm_head included, the embedding lookup not) plus lightning attention
+        counted with its chunked cost, which does not grow with `seq_len` beyond the block: per head
+        and token, forward ~ 2 C (dim_k + dim_v) (intra-block, C = block size) + 4 dim_k dim_v
+        (inter-block), backward about twice that. Not the T^2 of softmax attention.
+        """
+        _check_int("seq_len", seq_len, minimum=1)
+        matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_dim
+        block = min(self.block_size or DEFAULT_FLOPS_BLOCK_SIZE, 1 << (seq_len - 1).bit_length())
+        attention = 0
+        for layer in range(self.num_layers):
+            dk, dv = self.key_dim(layer), self.head_dim
+            attention += 3 * self.num_heads * (2 * block * (dk + dv) + 4 * dk * dv)
+        return float(6 * matmul + attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(_CommonConfig):
+    """LLaMA-style baseline: pre-norm blocks of RMSNorm (learned weight), RoPE causal softmax
+    attention (jax.nn.dot_product_attention; cuDNN flash attention on GPU) and a SwiGLU MLP.
+
+    `mlp_dim` is the SwiGLU width (same role and default as TNL's glu_dim); `attention_implementation`
+    is passed to jax.nn.dot_product_attention (None: XLA picks; "cudnn" on GPU).
+    """
+
+    mlp_dim: int = 128
+    rope_theta: float = 10000.0
+    scale_embedding: bool = False  # LLaMA does not scale its embeddings
+    tie_embeddings: bool = True  # as TNL, so the two compare on equal terms
+    attention_implementation: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("mlp_dim", self.mlp_dim, minimum=1)
+        _check_positive_float("rope_theta", self.rope_theta)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: got {self.head_dim}, expected an even number (RoPE rotates pairs)")
+        _check_choice("attention_implementation", self.attention_implementation, SOFTMAX_IMPLEMENTATIONS)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TransformerConfig":
+        """Byte-level toy model matching `TNLConfig.tiny()`."""
+        fields = dict(vocab_size=256, num_layers=3, hidden_dim=64, num_heads=4, mlp_dim=128)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def transformer_385m(cls, **overrides) -> "TransformerConfig":
+        """The sizes of TNL-385M (24 layers, D 1024, 8 heads of 128, mlp 2816, vocab 64000)."""
+        fields = dict(
+            vocab_size=64000, num_layers=24, hidden_dim=1024, num_heads=8, head_dim=128, mlp_dim=2816,
+            dtype="bfloat16",
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def transformer_15b(cls, **overrides) -> "TransformerConfig":
+        """The sizes of our TNL 15B preset (42 layers, D 5120, 40 heads of 128)."""
+        fields = dict(
+            vocab_size=100352, num_layers=42, hidden_dim=5120, num_heads=40, head_dim=128, mlp_dim=14080,
+            dtype="bfloat16",
+        )
+        return cls(**{**fields, **overrides})
+
+    def _layer_matmul_params(self) -> int:
+        attention = 4 * self.hidden_dim * self.attention_dim  # q, k, v, o
+        return attention + 3 * self.hidden_dim * self.mlp_dim
+
+    def num_params(self) -> int:
+        """Parameters: embeddings (+ untied lm_head), per-layer projections, RMSNorm weights."""
+        norms = (2 * self.num_layers + 1) * self.hidden_dim
+        return self._embedding_params() + self.num_layers * self._layer_matmul_params() + norms
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters (lm_head included) plus causal softmax
+        attention, 6 x layers x heads x head_dim x seq_len (QK^T and PV over on average seq_len / 2
+        keys, forward and backward)."""
+        _check_int("seq_len", seq_len, minimum=1)
+        matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_dim
+        attention = 6 * self.num_layers * self.attention_dim * seq_len
+        return float(6 * matmul + attention)

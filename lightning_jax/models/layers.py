@@ -1,0 +1,109 @@
+"""Building blocks shared by the models: parameters with logical axes, norms, and layer stacks.
+
+Layer stacks: consecutive layers of the same structure form a group. With `scan_layers` a group of
+n > 1 layers is created once with `nnx.vmap` (parameters stacked on a leading "layers" axis) and
+applied with `lax.scan`; otherwise every layer is its own group, applied in a Python loop. Either
+way a group is applied through `nnx.split` / `nnx.merge` inside a pure function, which is what
+`jax.checkpoint` (the remat policy) and `lax.scan` need, and what survives NNX's tree mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical: tuple[str | None, ...], dtype, std: float,
+          init: Callable | None = None) -> nnx.Param:
+    """An nnx.Param of `shape` annotated with `logical` axis names (one per dimension)."""
+    if len(logical) != len(shape):
+        raise ValueError(f"logical: got {logical} for shape {shape}, expected one name per dimension")
+    init = nnx.initializers.normal(std) if init is None else init
+    # Created in its sharding when a mesh is set (`sharding.create_sharded_model`); without a mesh
+    # the annotation is only recorded, so models also build on one device.
+    eager = not jax.sharding.get_abstract_mesh().empty
+    return nnx.Param(
+        nnx.with_partitioning(init, logical, eager_sharding=eager)(rngs.params(), shape, jnp.dtype(dtype))
+    )
+
+
+def srms_norm(x: jax.Array, eps: float, *, axes=(-1,)) -> jax.Array:
+    """Simple RMSNorm (no weight): x / sqrt(mean(x^2) + eps) over `axes`, computed in fp32."""
+    x32 = x.astype(F32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + eps)
+
+
+def positions_from_mask(pad_mask: jax.Array | None, batch: int, time: int) -> jax.Array:
+    """[batch, time] int32 positions: 0, 1, ... from each row's first real token (left padding).
+
+    Pad positions get 0; their values never reach real tokens (k and v are zeroed there)."""
+    if pad_mask is None:
+        return jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
+    return jnp.maximum(jnp.cumsum(pad_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def remat_policy(name: str):
+    """(use_remat, policy) for a config's `remat` field."""
+    return {
+        "none": (False, None),
+        "full": (True, None),  # save nothing: recompute the whole layer in the backward pass
+        "dots": (True, jax.checkpoint_policies.checkpoint_dots),
+        "dots_no_batch": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    }[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer groups.
+
+
+def layer_groups(num_layers: int, kind: Callable[[int], Hashable], scan: bool) -> tuple[tuple[int, int], ...]:
+    """(first_layer, count) runs: maximal runs of equal `kind` when `scan`, else one per layer."""
+    if not scan:
+        return tuple((layer, 1) for layer in range(num_layers))
+    groups, first = [], 0
+    for layer in range(1, num_layers + 1):
+        if layer == num_layers or kind(layer) != kind(first):
+            groups.append((first, layer - first))
+            first = layer
+    return tuple(groups)
+
+
+def create_group(factory: Callable[[int, nnx.Rngs], nnx.Module], first: int, count: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """One layer (count == 1), or `count` layers stacked on a leading "layers" axis."""
+    if count == 1:
+        return factory(first, rngs)
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return factory(first, rngs)
+
+    return create(rngs)
+
+
+def apply_group(module: nnx.Module, count: int, fn: Callable, carry: Any, xs: Any, remat: str = "none"):
+    """Runs `fn(layer, carry, x) -> (carry, y)` over the group's layers.
+
+    For a stacked group (count > 1) `xs` has a leading [count] axis and the ys come back stacked;
+    otherwise x = xs. Remat wraps each layer, so the backward keeps one carry per layer."""
+    graphdef, state = nnx.split(module)
+    stacked = count > 1
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        if stacked:
+            layer_state = nnx.spmd.remove_axis(layer_state, 0, {nnx.PARTITION_NAME: "layers"})
+        return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=not stacked)
+    if stacked:
+        return jax.lax.scan(body, carry, (state, xs))
+    return body(carry, (state, xs))

@@ -1,0 +1,275 @@
+"""TransNormerLLM in Flax NNX (docs/tnl.md): gated lightning-attention token mixer, SGLU, pre-norm.
+
+    x = embed(tokens) * sqrt(D)
+    for each layer:  x = x + TokenMixer(SRMSNorm(x));  x = x + SGLU(SRMSNorm(x))
+    logits = SRMSNorm(x) @ embed^T      (or an untied lm_head)
+
+Generation: `prefill` runs the block algorithm and keeps each layer's fp32 state [batch, heads,
+dim_k, dim_v]; `decode` advances one token with the recurrence S = lambda S + k^T v, o = q S. The
+cache never grows with the context. Left-padded batches are exact: k and v are zeroed at pad
+positions, so the state stays zero until a row's first real token, and positions (for LRPE) count
+from that token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lightning_jax.attention import decode_step, lightning_attention
+from lightning_jax.models import layers
+from lightning_jax.models.config import TNLConfig
+from lightning_jax.models.sharding import constrain, sharded_call
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TNLCache:
+    """Decoding state: its size depends on batch and model, never on the context length.
+
+    states: one fp32 array per layer group (see `layers.layer_groups`): [batch, heads, dim_k, dim_v]
+      for a single layer, [count, batch, heads, dim_k, dim_v] for a scanned stack. dim_k is
+      2 x head_dim on LRPE layers. Use `TNL.layer_states(cache)` for a per-layer list.
+    position: [batch] int32, the position of the next token of each row (real tokens so far).
+    """
+
+    states: tuple[jax.Array, ...]
+    position: jax.Array
+
+
+class LRPE(nnx.Module):
+    """Linearised relative positional encoding: x -> [x cos(t theta), x sin(t theta)].
+
+    q'.k' = sum q k cos((t - s) theta), so only relative positions matter; the absolute offset is
+    still needed when decoding. theta [heads, head_dim] is learned, initialised to
+    10000^(-2i / (heads x head_dim)) over the flattened (head, channel) index i."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, param_dtype, rngs: nnx.Rngs):
+        width = num_heads * head_dim
+
+        def init(key, shape, dtype):
+            del key
+            return (10000.0 ** (-2.0 * jnp.arange(width, dtype=F32) / width)).reshape(shape).astype(dtype)
+
+        self.theta = layers.param(rngs, (num_heads, head_dim), ("heads", None), param_dtype, 0.0, init=init)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x: [batch, time, heads, head_dim]; positions: [batch, time] -> [batch, time, heads, 2 head_dim]."""
+        angle = positions.astype(F32)[:, :, None, None] * self.theta[...].astype(F32)
+        x32 = x.astype(F32)
+        return jnp.concatenate([x32 * jnp.cos(angle), x32 * jnp.sin(angle)], axis=-1).astype(x.dtype)
+
+
+class TokenMixer(nnx.Module):
+    """Gated linear attention ("NormLinearAttention"): fused q/k/v/u projection, silu on q and k,
+    optional LRPE, lightning attention with this layer's fixed rates (no 1/sqrt(d) scale), SRMSNorm
+    over the whole heads x head_dim, gate u (no sigmoid), output projection."""
+
+    def __init__(self, config: TNLConfig, layer: int, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.qkvu = layers.param(rngs, (c.hidden_dim, 4, c.num_heads, c.head_dim), ("embed", None, "heads", None),
+                                 c.param_dtype, c.init_std)
+        self.out = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_dim), ("heads", None, "embed"),
+                                c.param_dtype, c.init_std)
+        self.lrpe = (LRPE(c.num_heads, c.head_dim, param_dtype=c.param_dtype, rngs=rngs)
+                     if c.uses_lrpe(layer) else None)
+
+    def _project(self, x, positions, pad_mask):
+        dtype = jnp.dtype(self.config.dtype)
+        q, k, v, u = jnp.einsum("btd,dfhk->fbthk", x.astype(dtype), self.qkvu[...].astype(dtype))
+        q, k = jax.nn.silu(q), jax.nn.silu(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+        if pad_mask is not None:  # zero k and v at pads: exact for left padding (state stays 0)
+            keep = pad_mask[:, :, None, None]
+            k, v = jnp.where(keep, k, 0), jnp.where(keep, v, 0)
+        return q, k, v, u
+
+    def _output(self, o, u):
+        dtype = jnp.dtype(self.config.dtype)
+        o = layers.srms_norm(o, self.config.norm_eps, axes=(-2, -1)).astype(dtype)
+        return jnp.einsum("bthk,hkd->btd", u * o, self.out[...].astype(dtype))
+
+    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False):
+        """x: [batch, time, D]; rates: [heads]; positions, pad_mask: [batch, time].
+
+        Returns (y [batch, time, D], final state fp32 [batch, heads, dim_k, dim_v] or None)."""
+        q, k, v, u = self._project(x, positions, pad_mask)
+        c = self.config
+
+        def attend(q, k, v, rates, initial_state):
+            return lightning_attention(
+                q, k, v, jax.lax.stop_gradient(rates), initial_state=initial_state, return_final_state=True,
+                block_size=c.block_size, implementation=c.attention_implementation,
+            )
+
+        bthd, bhde = ("batch", None, "heads", None), ("batch", "heads", None, None)
+        o, state = sharded_call(attend, (q, k, v, rates, initial_state),
+                                (bthd, bthd, bthd, ("heads",), bhde), (bthd, bhde))
+        return self._output(o, u), (state if return_state else None)
+
+    def decode(self, x, rates, positions, state):
+        """One token: x [batch, 1, D], positions [batch, 1], state fp32 [batch, heads, dim_k, dim_v]."""
+        q, k, v, u = self._project(x, positions, None)
+        o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], rates, state)
+        return self._output(o[:, None], u), state
+
+
+class SGLU(nnx.Module):
+    """Simple GLU without activation: W3((W1 x) * (W2 x)); W1 and W2 fused into one [D, 2, glu]."""
+
+    def __init__(self, config: TNLConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.w12 = layers.param(rngs, (c.hidden_dim, 2, c.glu_dim), ("embed", None, "mlp"), c.param_dtype, c.init_std)
+        self.w3 = layers.param(rngs, (c.glu_dim, c.hidden_dim), ("mlp", "embed"), c.param_dtype, c.init_std)
+
+    def __call__(self, x):
+        dtype = jnp.dtype(self.config.dtype)
+        h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(dtype), self.w12[...].astype(dtype))
+        return jnp.einsum("btm,md->btd", h1 * h2, self.w3[...].astype(dtype))
+
+
+class TNLBlock(nnx.Module):
+    """Pre-norm block: x + TokenMixer(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
+
+    def __init__(self, config: TNLConfig, layer: int, *, rngs: nnx.Rngs):
+        self.config = config
+        self.mixer = TokenMixer(config, layer, rngs=rngs)
+        self.glu = SGLU(config, rngs=rngs)
+
+    def _norm(self, x):
+        return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
+
+    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False):
+        h, state = self.mixer(self._norm(x), rates, positions, pad_mask,
+                              initial_state=initial_state, return_state=return_state)
+        x = x + h.astype(x.dtype)
+        x = x + self.glu(self._norm(x)).astype(x.dtype)
+        return constrain(x, ("batch", None, None)), state
+
+    def decode(self, x, rates, positions, state):
+        h, state = self.mixer.decode(self._norm(x), rates, positions, state)
+        x = x + h.astype(x.dtype)
+        return x + self.glu(self._norm(x)).astype(x.dtype), state
+
+
+class TNL(nnx.Module):
+    """TransNormerLLM decoder.
+
+    `model(tokens [batch, time] int32, pad_mask=None) -> logits [batch, time, vocab] float32`.
+    `pad_mask` [batch, time] bool (True at real tokens) supports left-padded batches.
+    """
+
+    def __init__(self, config: TNLConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, TNLConfig):
+            raise TypeError(f"config: got {type(config).__name__}, expected TNLConfig")
+        c = config
+        self.config = c
+        self.embed = layers.param(rngs, (c.vocab_size, c.hidden_dim), ("vocab", "embed"), c.param_dtype, c.init_std)
+        self.groups_layout = layers.layer_groups(c.num_layers, c.uses_lrpe, c.scan_layers)
+        self.groups = nnx.List([
+            layers.create_group(lambda layer, r: TNLBlock(c, layer, rngs=r), first, count, rngs)
+            for first, count in self.groups_layout
+        ])
+        self.lm_head = (None if c.tie_embeddings else
+                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
+
+    # Pieces ----------------------------------------------------------------------------------
+
+    def _rates(self, first: int, count: int) -> np.ndarray:
+        """[heads] for one layer, [count, heads] for a stack: numpy constants, never trained."""
+        if count == 1:
+            return self.config.rates(first)
+        return np.stack([self.config.rates(layer) for layer in range(first, first + count)])
+
+    def _embed(self, tokens):
+        c = self.config
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+        if c.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(c.hidden_dim), c.dtype)
+        return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+    def _logits(self, x):
+        c = self.config
+        x = layers.srms_norm(x, c.norm_eps).astype(c.dtype)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(c.dtype), preferred_element_type=F32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(c.dtype), preferred_element_type=F32)
+        return constrain(logits.astype(F32), ("batch", None, "vocab"))
+
+    def _check_tokens(self, tokens, pad_mask):
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
+        if pad_mask is not None and pad_mask.shape != tokens.shape:
+            raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+
+    def _run(self, tokens, pad_mask, return_states: bool):
+        self._check_tokens(tokens, pad_mask)
+        batch, time = tokens.shape
+        positions = layers.positions_from_mask(pad_mask, batch, time)
+        x = self._embed(tokens)
+        states = []
+        for (first, count), group in zip(self.groups_layout, self.groups):
+            def layer_fn(block, x, rates):
+                return block(x, rates, positions, pad_mask, return_state=return_states)
+
+            x, state = layers.apply_group(group, count, layer_fn, x, self._rates(first, count), self.config.remat)
+            states.append(state)
+        return self._logits(x), tuple(states)
+
+    # Public API ------------------------------------------------------------------------------
+
+    def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, time] int -> logits [batch, time, vocab] float32."""
+        return self._run(tokens, pad_mask, return_states=False)[0]
+
+    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
+                max_new_tokens: int | None = None) -> tuple[jax.Array, TNLCache]:
+        """Full forward over a (left-padded) prompt, keeping each layer's final state.
+
+        Returns (logits [batch, time, vocab] float32, cache). `max_new_tokens` is accepted for a
+        common interface with `Transformer.prefill` and ignored: this cache never grows."""
+        del max_new_tokens
+        logits, states = self._run(tokens, pad_mask, return_states=True)
+        if pad_mask is None:
+            position = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        else:
+            position = jnp.sum(pad_mask.astype(jnp.int32), axis=1)
+        return logits, TNLCache(states=states, position=position)
+
+    def decode(self, token: jax.Array, cache: TNLCache) -> tuple[jax.Array, TNLCache]:
+        """One step: token [batch] or [batch, 1] int -> (logits [batch, vocab] or [batch, 1, vocab]
+        float32, the advanced cache)."""
+        squeeze = token.ndim == 1
+        tokens = token[:, None] if squeeze else token
+        if tokens.ndim != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"token: got shape {token.shape}, expected [batch] or [batch, 1]")
+        positions = cache.position[:, None]
+        x = self._embed(tokens)
+        states = []
+        for (first, count), group, state in zip(self.groups_layout, self.groups, cache.states):
+            def layer_fn(block, x, inputs):
+                rates, state = inputs
+                return block.decode(x, rates, positions, state)
+
+            x, state = layers.apply_group(group, count, layer_fn, x, (self._rates(first, count), state))
+            states.append(state)
+        logits = self._logits(x)
+        return (logits[:, 0] if squeeze else logits), TNLCache(tuple(states), cache.position + 1)
+
+    def layer_states(self, cache: TNLCache) -> list[jax.Array]:
+        """The cache's states as one fp32 [batch, heads, dim_k, dim_v] array per layer."""
+        out = []
+        for (first, count), state in zip(self.groups_layout, cache.states):
+            out.extend([state] if count == 1 else list(state))
+        return out
