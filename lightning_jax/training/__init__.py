@@ -1,0 +1,33 @@
+"""Training and evaluation of the models in lightning_jax.models.
+
+    from lightning_jax.training import TrainConfig, train_and_evaluate
+    train_and_evaluate(TrainConfig(steps=300, workdir="/tmp/run"))
+
+Modules: `config` (TrainConfig and its sections), `data` (corpora, tokenizers, grain pipeline),
+`optim` (AdamW + schedule), `step` (train state, loss, compiled step, eval sums), `checkpoint`
+(Orbax), `metrics` (metrics.jsonl, MFU), `loop` (train_and_evaluate, evaluate).
+
+Names are imported on first use, so `import lightning_jax.training.step` (e.g. in a benchmark on an
+image without grain) pulls in neither grain nor Orbax.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "config",
+    "ConfigError": "config",
+    "DataError": "data",
+    "ByteTokenizer": "data",
+    "train_and_evaluate": "loop",
+    "evaluate": "loop",
+    "make_optimizer": "optim",
+    "read_metrics": "metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"lightning_jax.training.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'lightning_jax.training' has no attribute {name!r}")

