@@ -9,12 +9,15 @@ from lightning_jax.models.sharding import (
     make_mesh,
 )
 from lightning_jax.models.tnl import TNL, TNLCache
+from lightning_jax.models.transformer import Transformer, TransformerCache
 
 __all__ = [
     "DEFAULT_RULES",
     "TNL",
     "TNLCache",
     "TNLConfig",
+    "Transformer",
+    "TransformerCache",
     "TransformerConfig",
     "batch_sharding",
     "create_sharded_model",

@@ -1,0 +1,237 @@
+"""LLaMA-style Transformer baseline in Flax NNX, with TNL's conventions and sizes.
+
+    x = embed(tokens) (* sqrt(D) if scale_embedding)
+    for each layer:  x = x + Attention(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+    logits = RMSNorm(x) @ embed^T      (or an untied lm_head)
+
+Attention is causal softmax with RoPE through `jax.nn.dot_product_attention` (cuDNN flash
+attention on GPU with `attention_implementation="cudnn"`). Generation keeps a KV cache of
+prompt + max_new_tokens positions, allocated by `prefill`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lightning_jax.models import layers
+from lightning_jax.models.config import TransformerConfig
+from lightning_jax.models.sharding import constrain
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TransformerCache:
+    """KV cache. keys / values: one array per layer group, [batch, length, heads, head_dim] (with a
+    leading [count] for scanned stacks); key_mask: [batch, length] bool, True at filled real
+    positions; index: int32 scalar, the next column to write; position: [batch] int32, the RoPE
+    position of each row's next token."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    key_mask: jax.Array
+    index: jax.Array
+    position: jax.Array
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout. x: [batch, time, heads, head_dim]; positions [batch, time]."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=F32) / half)
+    angle = positions.astype(F32)[:, :, None, None] * freq
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = x[..., :half].astype(F32), x[..., half:].astype(F32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned weight [D] (initialised to 1), computed in fp32."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.weight = layers.param(rngs, (config.hidden_dim,), ("embed",), config.param_dtype, 0.0,
+                                   init=nnx.initializers.ones)
+
+    def __call__(self, x):
+        y = layers.srms_norm(x, self.config.norm_eps) * self.weight[...].astype(F32)
+        return y.astype(self.config.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head softmax attention with RoPE; fused q/k/v projection [D, 3, heads, head_dim]."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.qkv = layers.param(rngs, (c.hidden_dim, 3, c.num_heads, c.head_dim), ("embed", None, "heads", None),
+                                c.param_dtype, c.init_std)
+        self.out = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_dim), ("heads", None, "embed"),
+                                c.param_dtype, c.init_std)
+
+    def _project(self, x, positions):
+        c = self.config
+        q, k, v = jnp.einsum("btd,dfhk->fbthk", x, self.qkv[...].astype(c.dtype))
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+    def _attend(self, q, k, v, mask=None, is_causal=False):
+        c = self.config
+        o = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_dim),
+            implementation=c.attention_implementation,
+        )
+        return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(c.dtype))
+
+    def __call__(self, x, positions, pad_mask=None):
+        """x [batch, time, D] -> (y [batch, time, D], (k, v) [batch, time, heads, head_dim])."""
+        q, k, v = self._project(x, positions)
+        if pad_mask is None:
+            return self._attend(q, k, v, is_causal=True), (k, v)
+        time = x.shape[1]
+        causal = jnp.tril(jnp.ones((time, time), bool))
+        # Pads are never attended to; every query sees itself, so no softmax row is empty.
+        mask = (causal & pad_mask[:, None, None, :]) | jnp.eye(time, dtype=bool)
+        return self._attend(q, k, v, mask=mask), (k, v)
+
+    def decode(self, x, positions, keys, values, key_mask, index):
+        """x [batch, 1, D]; keys/values [batch, length, heads, head_dim]; key_mask [batch, length]
+        already True at `index`. Returns (y, keys, values) with this token written at `index`."""
+        q, k, v = self._project(x, positions)
+        keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
+        y = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask=key_mask[:, None, None, :])
+        return y, keys, values
+
+
+class SwiGLU(nnx.Module):
+    """W3(silu(W1 x) * W2 x); W1 and W2 fused into one [D, 2, mlp]."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.w12 = layers.param(rngs, (c.hidden_dim, 2, c.mlp_dim), ("embed", None, "mlp"), c.param_dtype, c.init_std)
+        self.w3 = layers.param(rngs, (c.mlp_dim, c.hidden_dim), ("mlp", "embed"), c.param_dtype, c.init_std)
+
+    def __call__(self, x):
+        dtype = self.config.dtype
+        h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(dtype), self.w12[...].astype(dtype))
+        return jnp.einsum("btm,md->btd", jax.nn.silu(h1) * h2, self.w3[...].astype(dtype))
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config, rngs=rngs)
+        self.mlp = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x, positions, pad_mask=None):
+        h, kv = self.attention(self.attention_norm(x), positions, pad_mask)
+        x = x + h.astype(x.dtype)
+        x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return constrain(x, ("batch", None, None)), kv
+
+    def decode(self, x, positions, keys, values, key_mask, index):
+        h, keys, values = self.attention.decode(self.attention_norm(x), positions, keys, values, key_mask, index)
+        x = x + h.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), keys, values
+
+
+class Transformer(nnx.Module):
+    """LLaMA-style decoder: `model(tokens [batch, time] int, pad_mask=None) -> logits [batch, time,
+    vocab] float32`; `prefill` / `decode` as TNL's, with a KV cache."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"config: got {type(config).__name__}, expected TransformerConfig")
+        c = config
+        self.config = c
+        self.embed = layers.param(rngs, (c.vocab_size, c.hidden_dim), ("vocab", "embed"), c.param_dtype, c.init_std)
+        self.groups_layout = layers.layer_groups(c.num_layers, lambda layer: 0, c.scan_layers)
+        self.groups = nnx.List([
+            layers.create_group(lambda layer, r: TransformerBlock(c, rngs=r), first, count, rngs)
+            for first, count in self.groups_layout
+        ])
+        self.final_norm = RMSNorm(c, rngs=rngs)
+        self.lm_head = (None if c.tie_embeddings else
+                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
+
+    def _embed(self, tokens):
+        c = self.config
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+        if c.scale_embedding:
+            x = x * jnp.asarray(math.sqrt(c.hidden_dim), c.dtype)
+        return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+    def _logits(self, x):
+        c = self.config
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(c.dtype), preferred_element_type=F32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(c.dtype), preferred_element_type=F32)
+        return constrain(logits.astype(F32), ("batch", None, "vocab"))
+
+    def _run(self, tokens, pad_mask, keep_kv: bool):
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
+        if pad_mask is not None and pad_mask.shape != tokens.shape:
+            raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+        batch, time = tokens.shape
+        positions = layers.positions_from_mask(pad_mask, batch, time)
+        x = self._embed(tokens)
+        kvs = []
+        for (first, count), group in zip(self.groups_layout, self.groups):
+            def layer_fn(block, x, _):
+                x, kv = block(x, positions, pad_mask)
+                return x, (kv if keep_kv else None)
+
+            x, kv = layers.apply_group(group, count, layer_fn, x, None, self.config.remat)
+            kvs.append(kv)
+        return self._logits(x), kvs
+
+    def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, time] int -> logits [batch, time, vocab] float32."""
+        return self._run(tokens, pad_mask, keep_kv=False)[0]
+
+    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
+                max_new_tokens: int | None = None) -> tuple[jax.Array, TransformerCache]:
+        """Forward over the prompt; returns (logits [batch, time, vocab], cache with room for
+        `max_new_tokens` (static) more tokens)."""
+        batch, time = tokens.shape
+        extra = int(max_new_tokens or 0)
+        logits, kvs = self._run(tokens, pad_mask, keep_kv=True)
+        pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, extra), (0, 0), (0, 0)])
+        keys = tuple(pad(k) for k, _ in kvs)
+        values = tuple(pad(v) for _, v in kvs)
+        real = jnp.ones((batch, time), bool) if pad_mask is None else pad_mask.astype(bool)
+        key_mask = jnp.pad(real, ((0, 0), (0, extra)))
+        position = jnp.sum(real.astype(jnp.int32), axis=1)
+        return logits, TransformerCache(keys, values, key_mask, jnp.asarray(time, jnp.int32), position)
+
+    def decode(self, token: jax.Array, cache: TransformerCache) -> tuple[jax.Array, TransformerCache]:
+        """One step: token [batch] or [batch, 1] -> (logits [batch, vocab] or [batch, 1, vocab], cache).
+        The cache must have room (see `prefill`'s max_new_tokens)."""
+        squeeze = token.ndim == 1
+        tokens = token[:, None] if squeeze else token
+        positions = cache.position[:, None]
+        key_mask = jax.lax.dynamic_update_slice_in_dim(
+            cache.key_mask, jnp.ones((tokens.shape[0], 1), bool), cache.index, axis=1)
+        x = self._embed(tokens)
+        keys, values = [], []
+        for (first, count), group, k, v in zip(self.groups_layout, self.groups, cache.keys, cache.values):
+            def layer_fn(block, x, kv):
+                x, k, v = block.decode(x, positions, kv[0], kv[1], key_mask, cache.index)
+                return x, (k, v)
+
+            x, (k, v) = layers.apply_group(group, count, layer_fn, x, (k, v))
+            keys.append(k)
+            values.append(v)
+        logits = self._logits(x)
+        cache = TransformerCache(tuple(keys), tuple(values), key_mask, cache.index + 1, cache.position + 1)
+        return (logits[:, 0] if squeeze else logits), cache
