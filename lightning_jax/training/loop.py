@@ -108,7 +108,7 @@ def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
     try:
         return make_mesh(m.data, m.fsdp, m.tensor)
     except ValueError as e:
-        raise ConfigError(f"config.mesh: {e} ({jax.device_count()} devices)") from e
+        raise ConfigError(f"config.mesh: {e}") from e
 
 
 def _check_batch(name: str, batch: int, mesh, divisor_note: str = "") -> None:

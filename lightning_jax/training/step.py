@@ -115,7 +115,7 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
             loss = loss / grad_accum_steps
             grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grads, params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}

@@ -1,0 +1,30 @@
+"""Demo: a tiny TNL (3 layers, D 64) learning byte-level Shakespeare on a laptop CPU in a few minutes.
+
+    python train/main.py --config train/configs/demo.py
+    python train/main.py --config train/configs/demo.py --config.steps=100 --config.optim.lr=1e-3
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    config = ConfigDict()
+    config.steps = 500
+    config.workdir = "runs/demo"
+    config.seed = 0
+
+    # TNLConfig.tiny() with these fields replaced (any TNLConfig field may be listed here).
+    config.model = ConfigDict(dict(
+        arch="tnl", preset="tiny", vocab_size=257, num_layers=3, hidden_dim=64, num_heads=4, glu_dim=128,
+        dtype="float32", param_dtype="float32", scan_layers=False, remat="none",
+    ))
+    config.data = ConfigDict(dict(corpus="shakespeare", tokenizer="byte", seq_len=256, batch_size=16))
+    config.optim = ConfigDict(dict(
+        lr=3e-3, min_lr_ratio=0.1, warmup_steps=30, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        clip_norm=1.0, grad_accum_steps=1,
+    ))
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.checkpoint = ConfigDict(dict(enabled=True, every_steps=100, keep=3, async_save=True))
+    config.eval = ConfigDict(dict(every_steps=100, max_tokens=32768, batch_size=0, pmap=False))
+    config.log = ConfigDict(dict(every_steps=10, progress_bar=True, tensorboard=False, peak_tflops_per_device=0.0))
+    return config

@@ -1,0 +1,32 @@
+"""TNL-385M at context 65536: lightning attention's cost per token does not grow with the context.
+
+Same tokens per step as tnl_385m.py (2 x 64K = 128K) when data.batch_size is 2; each GPU holds
+whole sequences, so data.batch_size must be a multiple of the GPU count (override it:
+--config.data.batch_size=8 on 8 GPUs). Full rematerialisation: activations of 64K tokens per
+sequence are the memory limit here, and the [batch, 64K, 64000] float32 logits alone take 16 GiB per
+sequence, so keep one sequence per GPU per microbatch (optim.grad_accum_steps).
+"""
+
+import importlib.util
+import os
+
+from ml_collections import ConfigDict
+
+
+def tnl_config() -> ConfigDict:
+    """train/configs/tnl_385m.py's config (config files are loaded by path, not as a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tnl_385m.py")
+    spec = importlib.util.spec_from_file_location("tnl_385m_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ConfigDict:
+    config = tnl_config()
+    config.workdir = "runs/tnl_385m_64k"
+    config.model.remat = "full"
+    config.data.seq_len = 65536
+    config.data.batch_size = 2
+    config.optim.grad_accum_steps = 2
+    return config
