@@ -1,0 +1,343 @@
+"""TNL and Transformer: cache continuity, scan / remat equivalence, jit / pmap / mesh agreement,
+annotated shardings, finite gradients, presets and config validation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lightning_jax.models import (
+    DEFAULT_RULES,
+    TNL,
+    TNLConfig,
+    Transformer,
+    TransformerConfig,
+    batch_sharding,
+    create_sharded_model,
+    make_mesh,
+)
+from lightning_jax.models.sharding import partition_specs
+
+P = jax.P
+
+# O(1)-scale weights, so mismatches are not hidden by tiny logits; block 8 so that lengths up to
+# 24 cross several blocks of the block algorithm, with ragged tails.
+TNL_TEST = TNLConfig.tiny(init_std=0.2, block_size=8)
+TRANSFORMER_TEST = TransformerConfig.tiny(init_std=0.2)
+
+
+def build(config, seed=0):
+    cls = TNL if isinstance(config, TNLConfig) else Transformer
+    return cls(config, rngs=nnx.Rngs(seed))
+
+
+# Compiled entry points: eager op-by-op dispatch would dominate the test time.
+forward = nnx.jit(lambda model, tokens: model(tokens))
+prefill = nnx.jit(lambda model, tokens: model.prefill(tokens, max_new_tokens=8))
+decode = nnx.jit(lambda model, token, cache: model.decode(token, cache))
+
+
+def random_tokens(batch, time, seed=0, vocab=256):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, time)), jnp.int32)
+
+
+def assert_close(actual, expected, rtol=2e-5):
+    """Relative to the largest |expected|: logits are O(1..10) here."""
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=rtol * scale, rtol=0)
+
+
+def copy_params_into_layout(source, target):
+    """Copies an unscanned model's parameters into a (possibly scanned) model of the same config."""
+    target.embed.set_value(source.embed[...])
+    for (first, count), group in zip(target.groups_layout, target.groups):
+        layers = [nnx.to_pure_dict(nnx.state(source.groups[layer], nnx.Param)) for layer in range(first, first + count)]
+        values = layers[0] if count == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        state = nnx.state(group, nnx.Param)
+        nnx.replace_by_pure_dict(state, values)
+        nnx.update(group, state)
+    if getattr(source, "final_norm", None) is not None:
+        nnx.update(target.final_norm, nnx.state(source.final_norm))
+    if source.lm_head is not None:
+        target.lm_head.set_value(source.lm_head[...])
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill + decode == one full forward.
+
+
+@pytest.mark.parametrize("prefill_len, scan_layers", [(1, False), (5, False), (13, False), (8, True)])
+def test_tnl_prefill_then_decode_equals_forward(scan_layers, prefill_len):
+    config = dataclasses.replace(TNL_TEST, scan_layers=scan_layers)
+    assert config.lrpe_layers == (0,) and config.decay == "tnl"
+    model = build(config)
+    tokens = random_tokens(2, prefill_len + 4, seed=prefill_len)
+    full = forward(model, tokens)
+
+    logits, cache = prefill(model, tokens[:, :prefill_len])
+    assert_close(logits, full[:, :prefill_len])
+    for t in range(prefill_len, tokens.shape[1]):
+        step, cache = decode(model, tokens[:, t], cache)
+        assert step.shape == (2, config.vocab_size)
+        assert_close(step, full[:, t])
+    assert [int(p) for p in cache.position] == [tokens.shape[1]] * 2
+
+
+def test_tnl_cache_size_is_independent_of_context():
+    model = build(TNL_TEST)
+    sizes = []
+    for time in (3, 40):
+        _, cache = prefill(model, random_tokens(2, time))
+        states = model.layer_states(cache)
+        assert len(states) == TNL_TEST.num_layers
+        # LRPE on layer 0 doubles dim_k there.
+        assert states[0].shape == (2, 4, 32, 16) and states[1].shape == (2, 4, 16, 16)
+        assert all(s.dtype == jnp.float32 for s in states)
+        sizes.append(sum(s.size for s in jax.tree.leaves(cache)))
+    assert sizes[0] == sizes[1]
+
+
+def test_tnl_decode_accepts_batch_by_one_tokens():
+    model = build(TNL_TEST)
+    tokens = random_tokens(2, 6)
+    _, cache = prefill(model, tokens[:, :5])
+    a, _ = decode(model, tokens[:, 5], cache)
+    b, _ = decode(model, tokens[:, 5:6], cache)
+    assert b.shape == (2, 1, 256)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b[:, 0]))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_transformer_prefill_then_decode_equals_forward(scan_layers):
+    config = dataclasses.replace(TRANSFORMER_TEST, scan_layers=scan_layers)
+    model = build(config)
+    tokens = random_tokens(2, 12)
+    full = forward(model, tokens)
+    logits, cache = prefill(model, tokens[:, :7])
+    assert_close(logits, full[:, :7])
+    for t in range(7, 12):
+        step, cache = decode(model, tokens[:, t], cache)
+        assert_close(step, full[:, t])
+
+
+@pytest.mark.parametrize("config", [TNL_TEST, TRANSFORMER_TEST], ids=["tnl", "transformer"])
+def test_left_padding_is_exact(config):
+    """A left-padded row gives, at its real positions, the logits of the row alone."""
+    model = build(config)
+    row = random_tokens(1, 9, seed=3)
+    padded = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), row], axis=1)
+    mask = jnp.arange(13)[None] >= 4
+    padded_logits = nnx.jit(lambda m, t, mask: m(t, pad_mask=mask))(model, padded, mask)
+    assert_close(padded_logits[:, 4:], forward(model, row))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer scan and remat change nothing numerically.
+
+
+@pytest.mark.parametrize("config", [TNL_TEST, TRANSFORMER_TEST], ids=["tnl", "transformer"])
+def test_scan_and_remat_match_plain_layers(config):
+    plain = build(config)
+    tokens = random_tokens(2, 11)
+
+    def loss(model):
+        logits = model(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss))
+    expected_loss, expected_grads = value_and_grad(plain)
+    for overrides in (dict(remat="full"), dict(scan_layers=True, remat="dots_no_batch")):
+        variant = build(dataclasses.replace(config, **overrides), seed=1)
+        copy_params_into_layout(plain, variant)
+        assert_close(forward(variant, tokens), forward(plain, tokens))
+        value, grads = value_and_grad(variant)
+        np.testing.assert_allclose(float(value), float(expected_loss), rtol=1e-5)
+        if not overrides.get("scan_layers"):
+            jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4),
+                         nnx.state(grads, nnx.Param), nnx.state(expected_grads, nnx.Param))
+
+
+def test_scan_groups_lrpe_layer_apart():
+    config = dataclasses.replace(TNL_TEST, num_layers=4, scan_layers=True)
+    model = build(config)
+    assert model.groups_layout == ((0, 1), (1, 3))
+    assert model.groups[1].mixer.qkvu.shape == (3, 64, 4, 4, 16)
+    assert model.groups[1].mixer.lrpe is None and model.groups[0].mixer.lrpe is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# jit, pmap, and a 2 x 4 mesh agree; parameters land where annotated.
+
+
+@pytest.mark.parametrize("config", [TNL_TEST, TRANSFORMER_TEST], ids=["tnl", "transformer"])
+def test_forward_under_jit_pmap_and_mesh(config):
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 fake CPU devices"
+    model = build(config)
+    tokens = random_tokens(8, 13)
+    expected = forward(model, tokens)
+    graphdef, state = nnx.split(model)
+
+    pmapped = jax.pmap(lambda t: nnx.merge(graphdef, state)(t))(tokens.reshape(8, 1, 13))
+    assert_close(pmapped.reshape(expected.shape), expected)
+
+    mesh = make_mesh(2, 1, 4)  # 2 x 4: data x tensor
+    sharded = create_sharded_model(lambda: build(config), mesh)
+    with jax.set_mesh(mesh):
+        logits = forward(sharded, jax.device_put(tokens, batch_sharding(mesh)))
+    assert_close(logits, expected)
+    assert logits.sharding.spec[0] == "data"
+
+
+def test_attention_runs_per_shard_under_a_mesh():
+    mesh = make_mesh(2, 1, 4)
+    model = create_sharded_model(lambda: build(TNL_TEST), mesh)
+    tokens = random_tokens(8, 13)
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(model)
+        jaxpr = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
+    assert jaxpr.count("shard_map") >= TNL_TEST.num_layers
+    # Without a mesh, no shard_map.
+    jaxpr = str(jax.make_jaxpr(lambda t: build(TNL_TEST)(t))(tokens))
+    assert "shard_map" not in jaxpr
+
+
+@pytest.mark.parametrize("config", [dataclasses.replace(TNL_TEST, scan_layers=True, tie_embeddings=False),
+                                    TRANSFORMER_TEST], ids=["tnl", "transformer"])
+def test_parameters_land_with_annotated_shardings(config):
+    mesh = make_mesh(1, 2, 4)
+    model = create_sharded_model(lambda: build(config), mesh)
+    specs = partition_specs(model)
+    params = nnx.state(model, nnx.Param)
+    for (path, spec), (_, variable) in zip(nnx.to_flat_state(specs), nnx.to_flat_state(params)):
+        expected = jax.sharding.NamedSharding(mesh, spec.get_value() if isinstance(spec, nnx.Variable) else spec)
+        value = variable[...]
+        assert value.sharding.is_equivalent_to(expected, value.ndim), (path, value.sharding, expected)
+    # Spot checks of the rules: embed -> fsdp, heads / mlp / vocab -> tensor, layers unsharded.
+    if isinstance(config, TNLConfig):
+        assert model.embed[...].sharding.spec == P("tensor", "fsdp")
+        assert model.lm_head[...].sharding.spec == P("fsdp", "tensor")
+        assert model.groups[1].mixer.qkvu[...].sharding.spec == P(None, "fsdp", None, "tensor")
+        assert model.groups[1].glu.w3[...].sharding.spec == P(None, "tensor", "fsdp")
+        assert model.groups[0].mixer.lrpe.theta[...].sharding.spec == P("tensor")
+        assert model.groups[0].mixer.lrpe.theta.get_metadata()["out_sharding"] == ("heads", None)
+
+
+def test_every_parameter_is_annotated():
+    for model in (build(dataclasses.replace(TNL_TEST, scan_layers=True, tie_embeddings=False)), build(TRANSFORMER_TEST)):
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            names = variable.get_metadata().get("out_sharding")
+            assert names is not None and len(names) == variable[...].ndim, path
+            assert set(names) <= {None, *dict(DEFAULT_RULES)}, (path, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("config", [TNL_TEST, TRANSFORMER_TEST], ids=["tnl", "transformer"])
+def test_gradients_are_finite_and_reach_every_parameter(config):
+    mesh = make_mesh(2, 1, 4)
+    model = create_sharded_model(lambda: build(dataclasses.replace(config, remat="full")), mesh)
+    tokens = random_tokens(8, 17)
+
+    @nnx.jit
+    def grads_of(model, tokens):
+        def loss(model):
+            logits = model(tokens[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+        return nnx.grad(loss)(model)
+
+    with jax.set_mesh(mesh):
+        grads = grads_of(model, jax.device_put(tokens, batch_sharding(mesh)))
+    for path, g in nnx.to_flat_state(nnx.state(grads, nnx.Param)):
+        g = np.asarray(g[...])
+        assert np.all(np.isfinite(g)), path
+        assert np.any(g != 0), path  # LRPE thetas included
+
+
+def test_bfloat16_forward():
+    model = build(dataclasses.replace(TNLConfig.tiny(), dtype="bfloat16"))
+    logits = forward(model, random_tokens(2, 20))
+    assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets, parameter counts, FLOPs, config validation.
+
+
+def abstract_param_count(config):
+    model = nnx.eval_shape(lambda: build(config))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("config", [
+    TNLConfig.tiny(), TNLConfig.tiny(tie_embeddings=False, lrpe_layers=(0, 2)), TNLConfig.tnl_385m(),
+    TNLConfig.tnl_15b(), TransformerConfig.tiny(), TransformerConfig.transformer_385m(),
+], ids=["tnl-tiny", "tnl-tiny-untied", "tnl-385m", "tnl-15b", "transformer-tiny", "transformer-385m"])
+def test_num_params_counts_the_built_model(config):
+    assert config.num_params() == abstract_param_count(config)
+
+
+def test_tnl_385m_preset():
+    config = TNLConfig.tnl_385m()
+    assert (config.num_layers, config.hidden_dim, config.num_heads, config.head_dim) == (24, 1024, 8, 128)
+    assert (config.vocab_size, config.glu_dim, config.lrpe_layers, config.tie_embeddings) == (64000, 2816, (0,), True)
+    assert 0.38e9 < config.num_params() < 0.41e9
+    model = nnx.eval_shape(lambda: TNL(config, rngs=nnx.Rngs(0)))
+    assert model.groups[0].mixer.qkvu.shape == (1024, 4, 8, 128)
+    assert model.groups[0].mixer.lrpe.theta.shape == (8, 128)
+    assert model.groups[1].glu.w12.shape == (1024, 2, 2816)
+    assert TNLConfig.tnl_15b().num_params() > 14e9
+
+
+def test_flops_per_token():
+    tnl, transformer = TNLConfig.tnl_385m(), TransformerConfig.transformer_385m()
+    matmul = 24 * (5 * 1024 * 1024 + 3 * 1024 * 2816) + 64000 * 1024
+    # Lightning attention's cost stops growing once the sequence exceeds the block.
+    assert tnl.flops_per_token(2048) == tnl.flops_per_token(65536) > 6 * matmul
+    assert tnl.flops_per_token(2048) < 1.05 * 6 * matmul
+    # Softmax attention grows linearly per token with T.
+    t_matmul = 24 * (4 * 1024 * 1024 + 3 * 1024 * 2816) + 64000 * 1024
+    assert transformer.flops_per_token(2048) == 6 * t_matmul + 6 * 24 * 1024 * 2048
+    assert transformer.flops_per_token(65536) > 3 * tnl.flops_per_token(65536)
+
+
+@pytest.mark.parametrize("cls", [TNLConfig, TransformerConfig])
+@pytest.mark.parametrize("field, value", [
+    ("num_heads", 5),  # does not divide hidden_dim 64
+    ("hidden_dim", -64),
+    ("vocab_size", 0),
+    ("num_layers", -1),
+    ("dtype", "int8"),
+    ("param_dtype", "float64"),
+    ("remat", "sometimes"),
+    ("scan_layers", "yes"),
+    ("attention_implementation", "cuda"),
+])
+def test_bad_config_values_name_the_field(cls, field, value):
+    with pytest.raises(ValueError, match=field) as info:
+        dataclasses.replace(cls.tiny(), **{field: value})
+    assert repr(value) in str(info.value) or str(value) in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("decay", "linear"), ("lrpe_layers", (7,)), ("lrpe_layers", [0]), ("glu_dim", 0), ("block_size", 48),
+])
+def test_bad_tnl_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(TNLConfig.tiny(), **{field: value})
+
+
+def test_config_overrides_and_schedules():
+    config = dataclasses.replace(TNLConfig.tiny(), decay="minimax", num_layers=4)
+    assert config.num_layers == 4 and config.decay == "minimax"
+    assert config.rates(0).shape == (4,)
+    assert TNLConfig.tiny(num_heads=8).head_dim == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_layers = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="config"):
+        TNL(TransformerConfig.tiny(), rngs=nnx.Rngs(0))
