@@ -1,0 +1,95 @@
+"""Tuning sweep for the Pallas kernels' Config on the GPU (one process, one table).
+
+    PYTHONPATH=$PWD python3 benchmarks/sweep_pallas.py --out $OUT/sweep.json
+
+Times forward and forward+backward of `lightning_attention_pallas` for each Config on a few bf16
+shapes (dim 128: family (a) ends; dim 256: the largest head), and checks that every Config compiles
+(Triton's shared-memory limit) for bf16 and fp32 at dim 256. The defaults in pallas_gpu.Config come
+from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, "benchmarks")
+from attention import time_jax  # noqa: E402
+
+from lightning_jax.attention import pallas_gpu  # noqa: E402
+from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
+
+C = pallas_gpu.Config
+CONFIGS = {
+    "w8s2c64v128": C(num_warps=8, num_stages=2, block=64, block_v=128),
+    "w4s2c64v128": C(num_warps=4, num_stages=2, block=64, block_v=128),
+    "w8s2c64v64": C(num_warps=8, num_stages=2, block=64, block_v=64),
+    "w4s2c64v64": C(num_warps=4, num_stages=2, block=64, block_v=64),
+    "w4s3c64v64": C(num_warps=4, num_stages=3, block=64, block_v=64),
+    "w8s1c64v128": C(num_warps=8, num_stages=1, block=64, block_v=128),
+    "w8s2c128v128": C(num_warps=8, num_stages=2, block=128, block_v=128),
+    "w4s2c32v64": C(num_warps=4, num_stages=2, block=32, block_v=64),
+    "w8s2c64v64ch512": C(num_warps=8, num_stages=2, block=64, block_v=64, chunk=512),
+}
+SHAPES = [(64, 1024, 16, 128), (1, 65536, 16, 128), (8, 2048, 32, 256)]
+
+
+def run(shape, cfg, dtype=jnp.bfloat16, timing=True):
+    rates = jnp.asarray(alibi_slopes(shape[2]), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    sets = [tuple(jax.random.normal(keys[4 * s + i], shape, dtype) for i in range(4)) for s in range(2)]
+
+    def f(q, k, v):
+        return pallas_gpu.lightning_attention_pallas(q, k, v, rates, None, config=cfg)[0]
+
+    fwd = jax.jit(lambda q, k, v, do: f(q, k, v))
+
+    def fb(q, k, v, do):
+        o, vjp = jax.vjp(f, q, k, v)
+        return o, vjp(do)
+
+    fb = jax.jit(fb)
+    jax.block_until_ready(fb(*sets[0]))
+    if not timing:
+        return {}
+    return dict(fwd_ms=1e3 * time_jax(fwd, sets), fb_ms=1e3 * time_jax(fb, sets))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="sweep.json")
+    args = p.parse_args()
+    res = {}
+    for shape in SHAPES:
+        for name, cfg in CONFIGS.items():
+            key = f"{shape} {name}"
+            t0 = time.perf_counter()
+            try:
+                res[key] = run(shape, cfg)
+            except Exception as e:
+                res[key] = dict(error=repr(e)[:200])
+            print(key, res[key], f"{time.perf_counter() - t0:.1f}s", flush=True)
+            json.dump(res, open(args.out, "w"), indent=1)
+    for name in ("w4s2c64v64", "w8s2c64v64", "w4s2c32v64", "w4s3c64v64"):
+        for dim in (192, 256):
+            key = f"fp32 dim{dim} {name}"
+            try:
+                run((1, 1000, 2, dim), CONFIGS[name], jnp.float32, timing=False)
+                res[key] = "compiles"
+            except Exception as e:
+                res[key] = repr(e)[:120]
+            print(key, res[key], flush=True)
+    json.dump(res, open(args.out, "w"), indent=1)
+    print("\nshape config fwd_ms fb_ms")
+    for k, v in res.items():
+        print(k, v)
+
+
+if __name__ == "__main__":
+    main()
