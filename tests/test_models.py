@@ -225,6 +225,12 @@ def test_parameters_land_with_annotated_shardings(config):
         assert model.groups[0].mixer.lrpe.theta.get_metadata()["out_sharding"] == ("heads", None)
 
 
+def test_explicit_mesh_is_refused_with_a_clear_error():
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    with pytest.raises(ValueError, match="mesh: got Explicit axes"):
+        create_sharded_model(lambda: build(TNL_TEST), mesh)
+
+
 def test_every_parameter_is_annotated():
     for model in (build(dataclasses.replace(TNL_TEST, scan_layers=True, tie_embeddings=False)), build(TRANSFORMER_TEST)):
         for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -66,11 +66,22 @@ def current_rules() -> tuple[tuple[str, Any], ...]:
     return tuple(core_spmd.get_logical_axis_rules()) or DEFAULT_RULES
 
 
+def _check_auto(mesh) -> None:
+    explicit = [a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"mesh: got Explicit axes {explicit} (jax.make_mesh's default), expected Auto axes: the "
+            "models rely on sharding propagation. Build the mesh with lightning_jax.models.make_mesh, "
+            "or jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
+        )
+
+
 def _current_mesh():
     """The abstract mesh in context, or None (no mesh, or only manual axes as inside jax.pmap)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
+    _check_auto(mesh)
     return mesh
 
 
@@ -127,6 +138,7 @@ def create_sharded_model(
 
     Call the model later inside `with jax.set_mesh(mesh):` (and `nnx.logical_axis_rules(rules)` if
     you pass non-default rules) so that attention runs per shard."""
+    _check_auto(mesh)
     rules = DEFAULT_RULES if rules is None else tuple(rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return nnx.jit(model_factory)()
