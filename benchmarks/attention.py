@@ -128,9 +128,18 @@ def check_one(time_, dim, dtype, seed):
     return errs, finite
 
 
-def section_check(results):
-    cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in CHECK_DIMS]
-    cases += [(t, d, jnp.float32) for t in (63, 4096, 65536) for d in (64, 256)]
+def check_cases(which: str):
+    if which == "full":
+        cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in CHECK_DIMS]
+        return cases + [(t, d, jnp.float32) for t in (63, 4096, 65536) for d in (64, 128, 256)]
+    # "wide": the cases a shorter run adds to an earlier full one (dims 192/256, fp32 128/256).
+    cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in (192, 256)]
+    cases += [(t, 128, jnp.bfloat16) for t in (1000, 65536)]
+    return cases + [(t, d, jnp.float32) for t in (63, 65536) for d in (128, 256)]
+
+
+def section_check(results, which="full"):
+    cases = check_cases(which)
     rows = []
     for i, (t, d, dtype) in enumerate(cases):
         name = jnp.dtype(dtype).name
@@ -402,6 +411,7 @@ def main():
     parser.add_argument("--out", default="attention.json")
     parser.add_argument("--sections", default="check,family_a,family_b")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--check-set", default="full", choices=("full", "wide"))
     args = parser.parse_args()
     sections = args.sections.split(",")
     results = dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), versions=versions())
@@ -414,9 +424,6 @@ def main():
     global SAVE
     SAVE = save
 
-    if "check" in sections:
-        section_check(results)
-        save()
     if any(s.startswith("family") for s in sections):
         results["copy_bandwidth_Bps"] = bw = copy_bandwidth()
         log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -426,6 +433,8 @@ def main():
         if "family_b" in sections:
             section_family(results, "family_b", FAMILY_B, bw, not args.no_peers)
             save()
+    if "check" in sections:
+        section_check(results, args.check_set)
     save()
     print_tables(results)
 

@@ -48,15 +48,27 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tuning knobs (static). Defaults were chosen on an H200 for bf16, dim 128."""
+    """Tuning knobs (static). Defaults from benchmarks/sweep_pallas.py on an H200, bf16."""
 
     block: int = 64  # C: tokens per intra-block quadratic (the tensor-core tile along time)
     chunk: int = 1024  # L: most tokens per program; shrunk until there are `min_programs`
     min_programs: int = 528  # 4 programs per SM on a 132-SM H100/H200
-    block_v: int = 128  # value-dim tile: bounds the fp32 state carried in registers
     scan_tile: int = 1024  # state elements per program of the scan over chunks
-    num_warps: int = 8  # 4 would spill the 128 x 128 fp32 state carried in registers
-    num_stages: int = 2  # software pipelining of the block loops: loads of block i+1 during i
+    # Forward kernels: a 64-wide value tile with 4 warps beat 128 wide and/or 8 warps at dim 128
+    # (0.52 vs 0.65-1.05 ms at 64 x 1024 x 16 x 128).
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Backward kernels carry more (G, two accumulators, two C x C matrices): 8 warps, whole
+    # 128-wide value dim (3.0 vs 3.4 ms forward+backward with 4 warps / 64 wide).
+    bwd_block_v: int = 128
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 2
+    # Wide rows (dim_k x itemsize >= 512 bytes: bf16 dim 256, fp32 dim 128) exceed the 227 KiB
+    # of shared memory with the tiles above: 64-wide value tiles and 8 warps, and half the
+    # block for rows of 1 KiB (fp32 dim 256).
+    wide_block_v: int = 64
+    wide_num_warps: int = 8
 
 
 DEFAULT_CONFIG = Config()
@@ -94,7 +106,10 @@ class _Plan:
     block: int  # C
     chunk: int  # L (a power-of-two multiple of C)
     block_v: int
+    num_warps: int
+    num_stages: int
     scale: float
+    itemsize: int
     precise: bool  # fp32 inputs: true fp32 dots (Triton's default for fp32 is TF32)
     interpret: bool
     config: Config
@@ -125,19 +140,33 @@ class _Plan:
         return (self.num_v_tiles, self.num_chunks, self.batch * self.heads)
 
     def compiler_params(self):
-        return plt.CompilerParams(
-            num_warps=self.config.num_warps, num_stages=self.config.num_stages
+        return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def for_backward(self) -> "_Plan":
+        """The same chunks (R^(j) are shared with the forward) with the backward's tiling."""
+        cfg = self.config
+        if self.wide:
+            return self
+        block_v = min(cfg.bwd_block_v, self.dv_pad)
+        return dataclasses.replace(
+            self, block_v=block_v, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages
         )
+
+    @property
+    def wide(self) -> bool:
+        return self.dk_pad * self.itemsize >= 512
 
 
 def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
     batch, time, heads, dim_k = q.shape
     dim_v = v.shape[-1]
+    dk_pad, dv_pad = pl.next_power_of_2(dim_k), pl.next_power_of_2(dim_v)
+    row_bytes = dk_pad * q.dtype.itemsize
+    wide = row_bytes >= 512
     # Triton dots need every dimension >= 16; a short sequence gets a short block.
-    block = block_size or config.block
+    block = block_size or (config.block if row_bytes < 1024 else config.block // 2)
     block = max(16, min(block, pl.next_power_of_2(time)))
-    dv_pad = pl.next_power_of_2(dim_v)
-    block_v = min(config.block_v, dv_pad)
+    block_v = min(config.wide_block_v if wide else config.block_v, dv_pad)
     n_v = dv_pad // block_v
     # Longest chunk (fewest per-chunk states) that still gives enough programs to fill the GPU.
     chunk = max(block, config.chunk)
@@ -153,7 +182,10 @@ def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
         block=block,
         chunk=chunk,
         block_v=block_v,
+        num_warps=config.wide_num_warps if wide else config.num_warps,
+        num_stages=config.num_stages,
         scale=float(scale),
+        itemsize=q.dtype.itemsize,
         precise=q.dtype == jnp.float32,
         interpret=interpret,
         config=config,
@@ -621,7 +653,7 @@ def _attention_fwd(plan: _Plan, q, k, v, rates, s_in):
 def _attention_bwd(plan: _Plan, residuals, cotangents):
     q, k, v, rates, r, s_in = residuals
     d_o, d_final = cotangents
-    dq, dk, dv, d_s_in = _backward(plan, q, k, v, rates, r, d_o.astype(q.dtype), d_final)
+    dq, dk, dv, d_s_in = _backward(plan.for_backward(), q, k, v, rates, r, d_o.astype(q.dtype), d_final)
     # The API refuses to differentiate rates (api._no_rate_gradient), so zero is never used wrongly.
     return dq, dk, dv, jnp.zeros_like(rates), None if s_in is None else d_s_in
 
