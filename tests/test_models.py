@@ -225,6 +225,18 @@ def test_parameters_land_with_annotated_shardings(config):
         assert model.groups[0].mixer.lrpe.theta.get_metadata()["out_sharding"] == ("heads", None)
 
 
+def test_optimizer_state_follows_parameter_shardings_without_a_rules_context():
+    import optax
+
+    mesh = make_mesh(1, 2, 4)
+    model = create_sharded_model(lambda: build(TNL_TEST), mesh)
+    with jax.set_mesh(mesh):  # no nnx.logical_axis_rules here: the rules travel with each Param
+        optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    mu = optimizer.opt_state[0].mu
+    assert mu["embed"][...].sharding.spec == P("tensor", "fsdp")
+    assert mu["groups"][1]["glu"]["w12"][...].sharding.spec == P("fsdp", None, "tensor")
+
+
 def test_explicit_mesh_is_refused_with_a_clear_error():
     mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
     with pytest.raises(ValueError, match="mesh: got Explicit axes"):

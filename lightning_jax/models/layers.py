@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lightning_jax.models.sharding import current_rules
+
 F32 = jnp.float32
 
 
@@ -26,9 +28,13 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical: tuple[str | None, ...
     init = nnx.initializers.normal(std) if init is None else init
     # Created in its sharding when a mesh is set (`sharding.create_sharded_model`); without a mesh
     # the annotation is only recorded, so models also build on one device.
+    # The rules travel with the variable, so copies made later outside `nnx.logical_axis_rules`
+    # (optimizer state, checkpoint targets) resolve the same mesh axes.
     eager = not jax.sharding.get_abstract_mesh().empty
     return nnx.Param(
-        nnx.with_partitioning(init, logical, eager_sharding=eager)(rngs.params(), shape, jnp.dtype(dtype))
+        nnx.with_partitioning(init, logical, eager_sharding=eager, sharding_rules=current_rules())(
+            rngs.params(), shape, jnp.dtype(dtype)
+        )
     )
 
 
