@@ -207,3 +207,30 @@ def test_bad_config_exits_2_with_one_line(tmp_path, override, expected):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_write_token_split_round_trips_documents(tmp_path):
+    tok = data.ByteTokenizer()
+    docs = ["first document", "second, longer document", "third"]
+    count = data.write_token_split(iter(docs), tok, str(tmp_path), "validation")
+    assert count == sum(len(d) + 1 for d in docs)
+    stream = np.fromfile(tmp_path / "validation.bin", dtype=np.uint16)
+    pieces = np.split(stream, np.where(stream == tok.eos_id)[0] + 1)[:-1]
+    assert [tok.decode(p) for p in pieces] == docs
+    assert json.loads((tmp_path / "meta.json").read_text())["vocab_size"] == 257
+
+
+def test_throughput_benchmark_runs_tiny(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--contexts", "64,128", "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("| transformer |")
+    result = json.loads((tmp_path / "train_throughput.json").read_text())
+    rows = result["rows"]
+    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("tnl", "transformer") for c in (64, 128)}
+    assert all(r["status"] == "ok" and r["tokens_per_sec_per_device"] > 0 for r in rows)
+    # Same tokens per step at every context.
+    assert {r["tokens_per_step"] for r in rows} == {1024}

@@ -28,14 +28,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, config: CheckpointConfig, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """Saves every `config.every_steps` (when `save` is called each step), keeps `config.keep`."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep,
-        save_interval_steps=config.every_steps,
-        enable_async_checkpointing=config.async_save,
-        create=not read_only,
-        read_only=read_only,
-    )
+    """For training: async saves, keeps `config.keep`. `read_only` (evaluation): never creates,
+    saves or deletes anything."""
+    if read_only:
+        # Not Orbax's read_only flag: it warns about every option it ignores. A manager that is
+        # never asked to save changes nothing on disk.
+        options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep,
+            save_interval_steps=config.every_steps,
+            enable_async_checkpointing=config.async_save,
+        )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

@@ -28,7 +28,7 @@ import glob
 import json
 import os
 import tarfile
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -216,6 +216,34 @@ def documents(corpus: str, split: str) -> list[str]:
     if corpus == "shakespeare":
         return shakespeare_documents(split)
     return _text_directory_documents(corpus, split)
+
+
+def write_token_split(documents_: Iterable[str], tokenizer: Tokenizer, corpus_dir: str, split: str) -> int:
+    """Tokenizes `documents_` (EOS after each) into `corpus_dir/<split>.bin` and writes meta.json:
+    the pre-tokenized corpus format `train_dataset` memory-maps. Returns the number of tokens.
+
+    Streams: memory stays one document deep, so it suits corpora far larger than RAM."""
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    os.makedirs(corpus_dir, exist_ok=True)
+    meta_path = os.path.join(corpus_dir, "meta.json")
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id)}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            existing = json.load(f)
+        if existing != meta:
+            raise DataError(f"config.data.corpus: {meta_path} says {existing}, this tokenizer gives {meta}")
+    count = 0
+    tmp = os.path.join(corpus_dir, f"{split}.bin.tmp")
+    with open(tmp, "wb") as f:
+        for text in documents_:
+            ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+            ids = np.append(ids, tokenizer.eos_id).astype(dtype)
+            f.write(ids.tobytes())
+            count += len(ids)
+    os.replace(tmp, os.path.join(corpus_dir, f"{split}.bin"))  # no half-written split on a crash
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
