@@ -128,6 +128,24 @@ def test_schedule_warms_up_then_decays_to_min():
     assert float(schedule(100)) == pytest.approx(0.1) and float(schedule(5)) == pytest.approx(0.5)
 
 
+def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
+    cfg = demo_config(tmp_path, data={"seq_len": 32, "batch_size": 8}, mesh={"data": 8},
+                      model={"dtype": "bfloat16", "param_dtype": "float32"})
+    run = _setup(cfg)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(run.graphdef, run.tx, run.schedule), run.state)
+    before = jax.device_get(run.state["params"])
+    batch = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
+    with jax.set_mesh(run.mesh):
+        state, metrics = fn(run.state, jax.device_put(batch, run.batch_sharding))
+        state, metrics = fn(state, jax.device_put(batch, run.batch_sharding))
+    after = jax.device_get(state["params"])
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(after))
+    assert np.isfinite(float(metrics["loss"]))
+    # Every parameter moved (step 0 has lr 0 in warm-up; step 1 has lr / warmup_steps = 1e-4).
+    changes = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))]
+    assert all(c > 0 for c in changes)
+
+
 def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
     results = []
     for accum in (1, 4):
@@ -222,7 +240,7 @@ def test_write_token_split_round_trips_documents(tmp_path):
 
 def test_throughput_benchmark_runs_tiny(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--contexts", "64,128", "--steps", "1"],
+        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--contexts", "128", "--steps", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
     )
@@ -230,7 +248,7 @@ def test_throughput_benchmark_runs_tiny(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("| transformer |")
     result = json.loads((tmp_path / "train_throughput.json").read_text())
     rows = result["rows"]
-    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("tnl", "transformer") for c in (64, 128)}
+    assert {(r["model"], r["context"]) for r in rows} == {("tnl", 128), ("transformer", 128)}
     assert all(r["status"] == "ok" and r["tokens_per_sec_per_device"] > 0 for r in rows)
     # Same tokens per step at every context.
     assert {r["tokens_per_step"] for r in rows} == {1024}
