@@ -322,7 +322,9 @@ def validation_rows(corpus: str, tokenizer: Tokenizer, *, seq_len: int, max_toke
     last row is padded with weight 0. `max_tokens` keeps only the first that many targets.
     """
     if corpus != "shakespeare" and is_token_corpus(corpus):
-        stream = np.asarray(_token_stream(corpus, "validation")[0], dtype=np.int32)
+        stream = _token_stream(corpus, "validation")[0]
+        # Slice the memory map before converting: only the tokens evaluated are read.
+        stream = np.asarray(stream[: max_tokens + 1] if max_tokens is not None else stream, dtype=np.int32)
     else:
         eos = [tokenizer.eos_id]
         stream = np.concatenate(

@@ -8,6 +8,7 @@ eval_tokens. Only process 0 writes; every line is flushed at once, so a crash lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -122,5 +123,8 @@ def _tensorboard_writer(logdir: str):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
+            logging.getLogger(__name__).warning(
+                "log.tensorboard: neither tensorboardX nor torch is installed; writing metrics.jsonl only"
+            )
             return None
     return SummaryWriter(logdir)
