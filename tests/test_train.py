@@ -1,7 +1,6 @@
 """Training library: data pipeline, optimizer pieces, the demo run, pmap vs jit evaluation, the CLI's
 config errors. Runs on the 8 fake CPU devices of conftest.py."""
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_jax.training import data, optim, step as step_lib
-from lightning_jax.training.config import ConfigError, TrainConfig
+from lightning_jax.training.config import TrainConfig
 from lightning_jax.training.loop import Evaluator, _setup, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

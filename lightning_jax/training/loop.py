@@ -287,7 +287,6 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
     run = _setup(config, tokenizer)
     cfg = run.config
     is_main = jax.process_index() == 0
-    os.makedirs(cfg.workdir, exist_ok=True) if is_main else None
 
     local_batch = cfg.data.batch_size // jax.process_count()
     dataset = data_lib.train_dataset(
