@@ -34,15 +34,16 @@ def losses(workdir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def wait_for_step(proc, workdir, step, timeout=240):
-    """Polls metrics.jsonl until a row of `step` or later exists; fails if the run ends first."""
+def wait_for_step(proc, workdir, step, committed=None, timeout=240):
+    """Polls until metrics.jsonl has a row of `step` or later (and checkpoint `committed`, if given,
+    is complete on disk); fails if the run ends first."""
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"run ended (rc {proc.returncode}) before step {step}"
         if os.path.exists(path):
             done = [json.loads(l)["step"] for l in open(path) if l.endswith("\n")]
-            if done and max(done) >= step:
+            if done and max(done) >= step and (committed is None or committed in committed_steps(workdir)):
                 return max(done)
         time.sleep(0.01)
     raise TimeoutError(f"no step {step} in {timeout} s")
@@ -50,6 +51,8 @@ def wait_for_step(proc, workdir, step, timeout=240):
 
 def committed_steps(workdir):
     d = ckpt.checkpoint_dir(workdir)
+    if not os.path.isdir(d):
+        return []
     return sorted(int(s) for s in os.listdir(d) if s.isdigit() and os.path.exists(os.path.join(d, s, "commit_success.txt")))
 
 
@@ -61,7 +64,7 @@ def test_sigkill_then_resume_continues_the_exact_loss_sequence(tmp_path):
 
     proc = subprocess.Popen(cli(killed), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_step(proc, killed, 25)
+        wait_for_step(proc, killed, 25, committed=20)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
