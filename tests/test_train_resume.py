@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lightning_jax.training import checkpoint as ckpt
-from lightning_jax.training.loop import Evaluator, _setup, train_and_evaluate
+from lightning_jax.training.loop import Evaluator, _setup, load_model, train_and_evaluate
 from test_train import DEMO, ROOT, demo_config
 
 STEPS = 40
@@ -113,3 +113,6 @@ def test_restore_onto_a_different_mesh_gives_the_same_eval_loss(tmp_path):
     assert not np.allclose(np.asarray(qkvu), np.asarray(run.state["params"]["groups"][0]["mixer"]["qkvu"]))
     restored = Evaluator(run)(state)
     assert restored["eval_loss"] == pytest.approx(saved["eval_loss"], rel=1e-5)
+    # load_model: the same weights, as a module.
+    model = load_model(run.config)
+    np.testing.assert_array_equal(np.asarray(model.groups[0].mixer.qkvu[...]), np.asarray(qkvu))

@@ -5,7 +5,7 @@
 
 Modules: `config` (TrainConfig and its sections), `data` (corpora, tokenizers, grain pipeline),
 `optim` (AdamW + schedule), `step` (train state, loss, compiled step, eval sums), `checkpoint`
-(Orbax), `metrics` (metrics.jsonl, MFU), `loop` (train_and_evaluate, evaluate).
+(Orbax), `metrics` (metrics.jsonl, MFU), `loop` (train_and_evaluate, evaluate, load_model).
 
 Names are imported on first use, so `import lightning_jax.training.step` (e.g. in a benchmark on an
 image without grain) pulls in neither grain nor Orbax.
@@ -20,6 +20,7 @@ _EXPORTS = {
     "ByteTokenizer": "data",
     "train_and_evaluate": "loop",
     "evaluate": "loop",
+    "load_model": "loop",
     "make_optimizer": "optim",
     "read_metrics": "metrics",
 }

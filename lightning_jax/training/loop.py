@@ -433,3 +433,20 @@ def evaluate(config, workdir: str | None = None, *, step: int | None = None, pma
         writer.write({**row, "mode": "eval"})
         writer.close()
     return row
+
+
+def load_model(config, workdir: str | None = None, *, step: int | None = None, tokenizer=None) -> nnx.Module:
+    """The model of checkpoint `step` (default: newest) of `workdir` as an nnx module, its parameters
+    sharded on this config's mesh (e.g. for `lightning_jax.generate`). Restores the whole train state
+    (Orbax restores by structure) and keeps the model part."""
+    config = _as_config(config, workdir)
+    run = _setup(config, tokenizer)
+    manager = ckpt.make_manager(config.workdir, config.checkpoint, read_only=True)
+    try:
+        restored = ckpt.restore(manager, run.state, step=step)
+    finally:
+        manager.close()
+    if restored is None:
+        raise data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
+    state, _ = restored
+    return nnx.merge(run.graphdef, state["params"], state["rest"])
