@@ -120,6 +120,21 @@ def test_no_weight_decay_on_embeddings_norms_and_vectors():
     assert any("qkvu" in k for k in decayed) and any("w3" in k for k in decayed)
 
 
+def test_no_weight_decay_on_stacked_norm_weights():
+    # Scanned layers stack each norm's [D] weight into [layers, D]: the rank alone would decay it.
+    from flax import nnx
+
+    from lightning_jax.models import Transformer, TransformerConfig
+
+    params = nnx.state(Transformer(TransformerConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0)), nnx.Param)
+    mask = optim.weight_decay_mask(params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    decay = dict((optim._path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(mask))
+    stacked_norms = [optim._path_name(p) for p, x in leaves if "norm" in optim._path_name(p) and x.ndim == 2]
+    assert stacked_norms and not any(decay[k] for k in stacked_norms)
+    assert decay["groups/0/attention/qkv/value"]
+
+
 def test_schedule_warms_up_then_decays_to_min():
     cfg = TrainConfig.from_dict({"steps": 100, "workdir": "x", "optim": {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}}).optim
     schedule = optim.learning_rate_schedule(cfg, 100)
