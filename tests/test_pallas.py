@@ -1,0 +1,185 @@
+"""The Pallas (Triton) kernels on CPU: interpret mode against the quadratic oracle, and CUDA lowering.
+
+Interpret mode runs the very kernel bodies (slow: shapes stay small). Small `Config`s force the
+multi-chunk path (chunk-state kernel, scans over chunks) and value tiles (dQ/dK partials) at these
+sizes. Cross-lowering for an abstract H100 runs the Pallas-to-Triton lowering, which interpret mode
+does not check (power-of-two values, supported primitives).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightning_jax.attention import lightning_attention, pallas_gpu, reference
+
+RATES = (0.0, 8.0, 0.3, 0.02)
+# Chunks of 32 tokens made of blocks of 16, value tiles of 16: every kernel and both scans run.
+SMALL = pallas_gpu.Config(block=16, chunk=32, min_programs=10**6, block_v=16, bwd_block_v=16, scan_tile=64)
+
+
+def _inputs(time, heads, dim_k, dim_v, dtype, seed, batch=1):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(keys[0], (batch, time, heads, dim_k)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, time, heads, dim_k)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, time, heads, dim_v)).astype(dtype)
+    s_in = jax.random.normal(keys[3], (batch, heads, dim_k, dim_v))
+    d_o = jax.random.normal(keys[4], (batch, time, heads, dim_v)).astype(dtype)
+    d_final = jax.random.normal(keys[5], (batch, heads, dim_k, dim_v))
+    return q, k, v, s_in, d_o, d_final
+
+
+def _rel(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def _outputs_and_grads(fn, q, k, v, s_in, d_o, d_final):
+    """(o, final_state, dq, dk, dv[, d_s_in]) with cotangents on both outputs."""
+    args = (q, k, v) if s_in is None else (q, k, v, s_in)
+    (o, final), vjp = jax.vjp(fn, *args)
+    return (o, final, *vjp((d_o.astype(o.dtype), d_final)))
+
+
+def _compare(time, dim_k, dim_v, dtype, *, initial_state, config, scale=1.0, seed=0, batch=1):
+    heads = len(RATES)
+    rates = jnp.array(RATES, jnp.float32)
+    q, k, v, s_in, d_o, d_final = _inputs(time, heads, dim_k, dim_v, dtype, seed, batch)
+    s_in = s_in if initial_state else None
+
+    def ours(q, k, v, s=None):
+        return pallas_gpu.lightning_attention_pallas(q, k, v, rates, s, scale=scale, config=config)
+
+    def ref(q, k, v, s=None):
+        return reference.quadratic(q, k, v, rates, s, scale=scale)
+
+    with pallas_gpu.force_interpret(True):
+        got = jax.jit(lambda *a: _outputs_and_grads(ours, *a))(q, k, v, s_in, d_o, d_final)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = _outputs_and_grads(ref, *up, s_in, d_o.astype(jnp.float32), d_final)
+    assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
+    assert got[0].shape == (batch, time, heads, dim_v) and got[1].shape == (batch, heads, dim_k, dim_v)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    names = ["o", "final_state", "dq", "dk", "dv", "d_initial_state"]
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, name
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+# Times around the block (16) and chunk (32): 1, block - 1, block, block + 1, odd, chunk + 1, 3 chunks.
+@pytest.mark.parametrize("time", [1, 15, 16, 17, 33, 70])
+def test_matches_quadratic_multi_chunk(time):
+    _compare(time, 16, 16, jnp.float32, initial_state=True, config=SMALL)
+
+
+@pytest.mark.parametrize(
+    "dim_k, dim_v",
+    [(24, 16), (16, 48), (48, 24)],  # non-powers of two: padded to 32 / 64 and masked
+)
+def test_non_power_of_two_dims(dim_k, dim_v):
+    _compare(37, dim_k, dim_v, jnp.float32, initial_state=True, config=SMALL, seed=1)
+
+
+def test_without_initial_state_and_scale():
+    _compare(40, 16, 32, jnp.float32, initial_state=False, config=SMALL, scale=0.5, seed=2, batch=2)
+
+
+def test_bfloat16():
+    _compare(50, 32, 32, jnp.bfloat16, initial_state=True, config=SMALL, seed=3)
+
+
+def test_default_config_single_chunk():
+    # The default Config at a short length: one chunk, no chunk-state kernel, no scans.
+    _compare(20, 16, 16, jnp.float32, initial_state=True, config=None, seed=4)
+
+
+def test_default_config_through_the_api():
+    rates = jnp.array(RATES, jnp.float32)
+    q, k, v, s_in, _, _ = _inputs(9, len(RATES), 16, 16, jnp.float32, 5)
+    with pallas_gpu.force_interpret(True):
+        o, final = lightning_attention(
+            q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"
+        )
+    o_ref, final_ref = reference.recurrent(q, k, v, rates, s_in)
+    assert _rel(o, o_ref) < 1e-5 and _rel(final, final_ref) < 1e-5
+
+
+def test_split_sequence_continuity():
+    # Two calls chained through the state equal one call: final_state feeds initial_state.
+    rates = jnp.array(RATES, jnp.float32)
+    q, k, v, _, _, _ = _inputs(45, len(RATES), 16, 16, jnp.float32, 6)
+    f = lambda q, k, v, s: pallas_gpu.lightning_attention_pallas(q, k, v, rates, s, config=SMALL)
+    with pallas_gpu.force_interpret(True):
+        o_all, s_all = f(q, k, v, None)
+        o1, s1 = f(q[:, :19], k[:, :19], v[:, :19], None)
+        o2, s2 = f(q[:, 19:], k[:, 19:], v[:, 19:], s1)
+    assert _rel(jnp.concatenate([o1, o2], 1), o_all) < 1e-5
+    assert _rel(s2, s_all) < 1e-5
+
+
+def test_vmap_matches_loop():
+    rates = jnp.array(RATES[:2], jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    q, k, v = (jax.random.normal(key, (2, 1, 18, 2, 16)) for key in keys)
+    f = lambda q, k, v: pallas_gpu.lightning_attention_pallas(q, k, v, rates, None, config=SMALL)[0]
+    with pallas_gpu.force_interpret(True):
+        batched = jax.vmap(f)(q, k, v)
+        looped = jnp.stack([f(q[i], k[i], v[i]) for i in range(2)])
+    assert _rel(batched, looped) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-lowering for CUDA: runs the Pallas-to-Triton lowering of every kernel without a GPU.
+
+_H100 = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+)
+
+
+def _lower_for_cuda(shape_q, dim_v, dtype, config, initial_state=True):
+    batch, time, heads, dim_k = shape_q
+    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+    args = [spec(shape_q), spec(shape_q), spec((batch, time, heads, dim_v)), spec((heads,), jnp.float32)]
+    args.append(spec((batch, heads, dim_k, dim_v), jnp.float32) if initial_state else None)
+
+    def loss(q, k, v, rates, s_in):
+        o, final = pallas_gpu.lightning_attention_pallas(q, k, v, rates, s_in, scale=0.5, config=config)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2) + ((4,) if initial_state else ()))
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
+    with pallas_gpu.force_interpret(False), jax.sharding.use_abstract_mesh(mesh):
+        lowered = jax.jit(lambda *a: grad(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()
+
+
+def _kernel_names(text):
+    names = ("lightning_chunk_states", "lightning_chunk_scan", "lightning_chunk_scan_reverse",
+             "lightning_forward", "lightning_backward_dq", "lightning_backward_dkdv")
+    return {n for n in names if n in text}
+
+
+@pytest.mark.parametrize(
+    "shape_q, dim_v, dtype",
+    [
+        ((1, 65536, 16, 128), 128, jnp.bfloat16),  # family (a), long: every kernel
+        ((2, 1000, 2, 256), 256, jnp.bfloat16),  # wide rows: 64-wide value tiles, partials
+        ((1, 4100, 2, 24), 48, jnp.float32),  # padded dims, ragged tail, fp32 precise dots
+        ((2, 100, 2, 192), 64, jnp.float16),
+        ((1, 3, 1, 16), 16, jnp.bfloat16),  # time < block: the 16-token minimum block
+    ],
+)
+def test_lowers_for_cuda(shape_q, dim_v, dtype):
+    text = _lower_for_cuda(shape_q, dim_v, dtype, None)
+    names = _kernel_names(text)
+    assert {"lightning_forward", "lightning_backward_dq", "lightning_backward_dkdv"} <= names
+
+
+def test_lowers_for_cuda_all_kernels_small_config():
+    names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.bfloat16, SMALL))
+    assert len(names) == 6, names
+    names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.float32, SMALL, initial_state=False))
+    assert len(names) == 6, names
