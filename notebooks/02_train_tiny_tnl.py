@@ -258,6 +258,9 @@ plt.show()
 # %% [markdown]
 # Left: the fast heads of layer 0 reach their plateau within a few tokens (their memory is about
 # $1/s$ tokens long) and then fluctuate with the local text; the slow heads take longer. Right: the
-# last layer's heads barely decay, so their state is close to the running sum of everything read.
+# last layer's heads barely decay, so their state is close to the running sum of everything read;
+# after training it grows about linearly with the position (slope 1 on these log axes, where a
+# random walk would give 1/2): the $k^\top v$ terms add up coherently (silu keeps the keys nearly
+# non-negative).
 # Either way the cache is the same few kilobytes after 10 tokens or after a million: generation
 # costs the same per token at any context length (notebook 03 measures this against a Transformer).
