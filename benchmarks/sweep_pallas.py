@@ -11,7 +11,6 @@ from here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

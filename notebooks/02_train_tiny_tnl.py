@@ -40,9 +40,8 @@ import numpy as np
 from flax import nnx
 
 import lightning_jax as lj
-from lightning_jax.models import TNL
-from lightning_jax.training import ByteTokenizer, TrainConfig, read_metrics, train_and_evaluate
-from lightning_jax.training import checkpoint, data, optim, step as step_lib
+from lightning_jax.training import ByteTokenizer, TrainConfig, load_model, read_metrics, train_and_evaluate
+from lightning_jax.training import data
 from lightning_jax.training.config import CheckpointConfig, DataConfig, EvalConfig, LogConfig, ModelSpec, OptimConfig
 from lightning_jax.training.loop import build_model_config
 
@@ -129,19 +128,12 @@ print(f"throughput on this machine: {np.median([r['tokens_per_sec'] for r in tra
 # %% [markdown]
 # ## Load the trained model
 #
-# `train_and_evaluate` returns metrics, not the model: the weights are in the checkpoint. Restoring
-# takes a target with the same structure as what was saved (the whole train state: parameters,
-# AdamW moments, step, RNG), which `init_train_state` builds from a freshly initialised model; the
-# restored parameters are then merged back into an `nnx` module.
+# `train_and_evaluate` returns metrics; the weights live in the run's checkpoints. `load_model`
+# restores the newest one as an `nnx` module, sharded on the config's mesh.
 
 # %%
-fresh = TNL(model_config, rngs=nnx.Rngs(config.seed))
-graphdef, target = step_lib.init_train_state(fresh, optim.make_optimizer(config.optim, config.steps), config.seed)
-manager = checkpoint.make_manager(str(WORKDIR), config.checkpoint, read_only=True)
-state, meta = checkpoint.restore(manager, target)
-manager.close()
-model = nnx.merge(graphdef, state["params"], state["rest"])
-print("restored step", meta["step"], "| checkpoints:", sorted(p.name for p in (WORKDIR / "checkpoints").iterdir()))
+model = load_model(config)
+print("checkpoints:", sorted(p.name for p in (WORKDIR / "checkpoints").iterdir()))
 
 # %% [markdown]
 # ## Generate

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom in a fresh kernel, in smoke mode (small sizes, under a minute)."""
 
-import os
 import pathlib
 
 import pytest

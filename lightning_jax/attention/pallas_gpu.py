@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -336,7 +335,6 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
     j = pl.program_id(1)
     tile = _Tile(plan, j)
     a, intra, q_decay = _decays(rate, plan)
-    col0 = _col0(plan)
     dt = q_ref.dtype
 
     def body(i, r):
@@ -378,7 +376,6 @@ def _dq_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan, has_r
     j = pl.program_id(1)
     tile = _Tile(plan, j)
     a, intra, q_decay = _decays(rate, plan)
-    col0 = _col0(plan)
     dt = q_ref.dtype
 
     def body(i, carry):
@@ -414,7 +411,6 @@ def _dkdv_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dk_ref, dv_ref, 
     j = pl.program_id(1)
     tile = _Tile(plan, j)
     a, intra, q_decay = _decays(rate, plan)
-    col0 = _col0(plan)
     dt = q_ref.dtype
 
     def body(i, g):

@@ -11,7 +11,6 @@ dim_v], rates [heads], state [batch, heads, dim_k, dim_v].
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -9,13 +9,14 @@ way a group is applied through `nnx.split` / `nnx.merge` inside a pure function,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lightning_jax.models.sharding import current_rules
+from lightning_jax.models.sharding import constrain, current_rules
 
 F32 = jnp.float32
 
@@ -42,6 +43,52 @@ def srms_norm(x: jax.Array, eps: float, *, axes=(-1,)) -> jax.Array:
     """Simple RMSNorm (no weight): x / sqrt(mean(x^2) + eps) over `axes`, computed in fp32."""
     x32 = x.astype(F32)
     return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + eps)
+
+
+class GatedMLP(nnx.Module):
+    """W3(act(W1 x) * (W2 x)), W1 and W2 fused into one [D, 2, width] parameter.
+
+    activation None is TNL's SGLU (no activation, docs/tnl.md); jax.nn.silu is LLaMA's SwiGLU."""
+
+    def __init__(self, hidden_dim: int, width: int, *, activation: Callable | None, dtype, param_dtype,
+                 init_std: float, rngs: nnx.Rngs):
+        self.activation = activation
+        self.dtype = jnp.dtype(dtype)
+        self.w12 = param(rngs, (hidden_dim, 2, width), ("embed", None, "mlp"), param_dtype, init_std)
+        self.w3 = param(rngs, (width, hidden_dim), ("mlp", "embed"), param_dtype, init_std)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, time, D] -> [batch, time, D] in the compute dtype."""
+        h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(self.dtype), self.w12[...].astype(self.dtype))
+        if self.activation is not None:
+            h1 = self.activation(h1)
+        return jnp.einsum("btm,md->btd", h1 * h2, self.w3[...].astype(self.dtype))
+
+
+def check_tokens(tokens: jax.Array, pad_mask: jax.Array | None) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
+    if pad_mask is not None and pad_mask.shape != tokens.shape:
+        raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+
+
+def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool) -> jax.Array:
+    """table [vocab, D], tokens [batch, ...] -> [batch, ..., D] in `dtype`, times sqrt(D) if `scale`."""
+    x = jnp.take(table[...], tokens, axis=0).astype(dtype)
+    if scale:
+        x = x * jnp.asarray(math.sqrt(table.shape[-1]), dtype)
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def lm_logits(x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype) -> jax.Array:
+    """Normalised x [batch, time, D] -> float32 logits [batch, time, vocab], through the embedding
+    table (tied) or a separate lm_head [D, vocab]."""
+    x = x.astype(dtype)
+    if lm_head is None:
+        logits = jnp.einsum("btd,vd->btv", x, embed[...].astype(dtype), preferred_element_type=F32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, lm_head[...].astype(dtype), preferred_element_type=F32)
+    return constrain(logits.astype(F32), ("batch", None, "vocab"))
 
 
 def positions_from_mask(pad_mask: jax.Array | None, batch: int, time: int) -> jax.Array:

@@ -23,7 +23,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, PartitionSpec

@@ -14,7 +14,6 @@ from that token.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -123,28 +122,14 @@ class TokenMixer(nnx.Module):
         return self._output(o[:, None], u), state
 
 
-class SGLU(nnx.Module):
-    """Simple GLU without activation: W3((W1 x) * (W2 x)); W1 and W2 fused into one [D, 2, glu]."""
-
-    def __init__(self, config: TNLConfig, *, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        self.w12 = layers.param(rngs, (c.hidden_dim, 2, c.glu_dim), ("embed", None, "mlp"), c.param_dtype, c.init_std)
-        self.w3 = layers.param(rngs, (c.glu_dim, c.hidden_dim), ("mlp", "embed"), c.param_dtype, c.init_std)
-
-    def __call__(self, x):
-        dtype = jnp.dtype(self.config.dtype)
-        h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(dtype), self.w12[...].astype(dtype))
-        return jnp.einsum("btm,md->btd", h1 * h2, self.w3[...].astype(dtype))
-
-
 class TNLBlock(nnx.Module):
     """Pre-norm block: x + TokenMixer(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
 
     def __init__(self, config: TNLConfig, layer: int, *, rngs: nnx.Rngs):
         self.config = config
         self.mixer = TokenMixer(config, layer, rngs=rngs)
-        self.glu = SGLU(config, rngs=rngs)
+        self.glu = layers.GatedMLP(config.hidden_dim, config.glu_dim, activation=None, dtype=config.dtype,
+                                   param_dtype=config.param_dtype, init_std=config.init_std, rngs=rngs)
 
     def _norm(self, x):
         return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
@@ -192,29 +177,14 @@ class TNL(nnx.Module):
         return np.stack([self.config.rates(layer) for layer in range(first, first + count)])
 
     def _embed(self, tokens):
-        c = self.config
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
-        if c.scale_embedding:
-            x = x * jnp.asarray(math.sqrt(c.hidden_dim), c.dtype)
-        return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
 
     def _logits(self, x):
         c = self.config
-        x = layers.srms_norm(x, c.norm_eps).astype(c.dtype)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(c.dtype), preferred_element_type=F32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(c.dtype), preferred_element_type=F32)
-        return constrain(logits.astype(F32), ("batch", None, "vocab"))
-
-    def _check_tokens(self, tokens, pad_mask):
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
-        if pad_mask is not None and pad_mask.shape != tokens.shape:
-            raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+        return layers.lm_logits(layers.srms_norm(x, c.norm_eps), self.embed, self.lm_head, c.dtype)
 
     def _run(self, tokens, pad_mask, return_states: bool):
-        self._check_tokens(tokens, pad_mask)
+        layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
         x = self._embed(tokens)

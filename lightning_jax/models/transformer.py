@@ -108,27 +108,13 @@ class Attention(nnx.Module):
         return y, keys, values
 
 
-class SwiGLU(nnx.Module):
-    """W3(silu(W1 x) * W2 x); W1 and W2 fused into one [D, 2, mlp]."""
-
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        self.w12 = layers.param(rngs, (c.hidden_dim, 2, c.mlp_dim), ("embed", None, "mlp"), c.param_dtype, c.init_std)
-        self.w3 = layers.param(rngs, (c.mlp_dim, c.hidden_dim), ("mlp", "embed"), c.param_dtype, c.init_std)
-
-    def __call__(self, x):
-        dtype = self.config.dtype
-        h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(dtype), self.w12[...].astype(dtype))
-        return jnp.einsum("btm,md->btd", jax.nn.silu(h1) * h2, self.w3[...].astype(dtype))
-
-
 class TransformerBlock(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.attention_norm = RMSNorm(config, rngs=rngs)
         self.attention = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = SwiGLU(config, rngs=rngs)
+        self.mlp = layers.GatedMLP(config.hidden_dim, config.mlp_dim, activation=jax.nn.silu, dtype=config.dtype,
+                                   param_dtype=config.param_dtype, init_std=config.init_std, rngs=rngs)
 
     def __call__(self, x, positions, pad_mask=None):
         h, kv = self.attention(self.attention_norm(x), positions, pad_mask)
@@ -162,26 +148,13 @@ class Transformer(nnx.Module):
                         layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
 
     def _embed(self, tokens):
-        c = self.config
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
-        if c.scale_embedding:
-            x = x * jnp.asarray(math.sqrt(c.hidden_dim), c.dtype)
-        return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+        return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
 
     def _logits(self, x):
-        c = self.config
-        x = self.final_norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(c.dtype), preferred_element_type=F32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(c.dtype), preferred_element_type=F32)
-        return constrain(logits.astype(F32), ("batch", None, "vocab"))
+        return layers.lm_logits(self.final_norm(x), self.embed, self.lm_head, self.config.dtype)
 
     def _run(self, tokens, pad_mask, keep_kv: bool):
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
-        if pad_mask is not None and pad_mask.shape != tokens.shape:
-            raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+        layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
         x = self._embed(tokens)
