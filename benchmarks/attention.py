@@ -132,6 +132,8 @@ def check_cases(which: str):
     if which == "full":
         cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in CHECK_DIMS]
         return cases + [(t, d, jnp.float32) for t in (63, 4096, 65536) for d in (64, 128, 256)]
+    if which == "fp32_long":  # the long fp32 cases at wide dims
+        return [(65536, d, jnp.float32) for d in (128, 256)]
     # "wide": the cases a shorter run adds to an earlier full one (dims 192/256, fp32 128/256).
     cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in (192, 256)]
     cases += [(t, 128, jnp.bfloat16) for t in (1000, 65536)]
@@ -411,8 +413,16 @@ def main():
     parser.add_argument("--out", default="attention.json")
     parser.add_argument("--sections", default="check,family_a,family_b")
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--check-set", default="full", choices=("full", "wide"))
+    parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long"))
+    parser.add_argument("--shapes", default=None,
+                        help="family_b subset, e.g. 8x2048x32x256,8x1024x8x64 (default: all)")
     args = parser.parse_args()
+    family_b = FAMILY_B
+    if args.shapes:
+        family_b = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        unknown = [shape for shape in family_b if len(shape) != 4]
+        if unknown:
+            parser.error(f"--shapes: got {args.shapes!r}, expected BxTxHxD entries separated by commas")
     sections = args.sections.split(",")
     results = dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), versions=versions())
     log(json.dumps(results["versions"]))
@@ -431,7 +441,7 @@ def main():
             section_family(results, "family_a", FAMILY_A, bw, not args.no_peers)
             save()
         if "family_b" in sections:
-            section_family(results, "family_b", FAMILY_B, bw, not args.no_peers)
+            section_family(results, "family_b", family_b, bw, not args.no_peers)
             save()
     if "check" in sections:
         section_check(results, args.check_set)
