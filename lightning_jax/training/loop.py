@@ -409,14 +409,11 @@ class _NoProgress(contextlib.nullcontext):
 # Evaluation only
 
 
-def evaluate(config, workdir: str | None = None, *, step: int | None = None, pmap: bool | None = None,
-             tokenizer=None, write_metrics: bool = True) -> dict[str, Any]:
-    """Restores checkpoint `step` (default: latest) of `workdir` onto this config's mesh and returns
-    {"step", "eval_loss", "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl
-    (marked "mode": "eval") unless `write_metrics` is False."""
-    config = _as_config(config, workdir)
+def _restore_run(config, tokenizer, step: int | None):
+    """(run, restored train state) of checkpoint `step` (default: newest) of config.workdir."""
+    missing = data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
     if not os.path.isdir(ckpt.checkpoint_dir(config.workdir)):
-        raise data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
+        raise missing
     run = _setup(config, tokenizer)
     manager = ckpt.make_manager(config.workdir, config.checkpoint, read_only=True)
     try:
@@ -424,8 +421,17 @@ def evaluate(config, workdir: str | None = None, *, step: int | None = None, pma
     finally:
         manager.close()
     if restored is None:
-        raise data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
-    state, _ = restored
+        raise missing
+    return run, restored[0]
+
+
+def evaluate(config, workdir: str | None = None, *, step: int | None = None, pmap: bool | None = None,
+             tokenizer=None, write_metrics: bool = True) -> dict[str, Any]:
+    """Restores checkpoint `step` (default: latest) of `workdir` onto this config's mesh and returns
+    {"step", "eval_loss", "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl
+    (marked "mode": "eval") unless `write_metrics` is False."""
+    config = _as_config(config, workdir)
+    run, state = _restore_run(config, tokenizer, step)
     run.state = None
     row = {"step": int(state["step"]), **Evaluator(run, pmap=pmap)(state)}
     if write_metrics:
@@ -439,14 +445,5 @@ def load_model(config, workdir: str | None = None, *, step: int | None = None, t
     """The model of checkpoint `step` (default: newest) of `workdir` as an nnx module, its parameters
     sharded on this config's mesh (e.g. for `lightning_jax.generate`). Restores the whole train state
     (Orbax restores by structure) and keeps the model part."""
-    config = _as_config(config, workdir)
-    run = _setup(config, tokenizer)
-    manager = ckpt.make_manager(config.workdir, config.checkpoint, read_only=True)
-    try:
-        restored = ckpt.restore(manager, run.state, step=step)
-    finally:
-        manager.close()
-    if restored is None:
-        raise data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
-    state, _ = restored
+    run, state = _restore_run(_as_config(config, workdir), tokenizer, step)
     return nnx.merge(run.graphdef, state["params"], state["rest"])
