@@ -7,23 +7,17 @@ sequence are the memory limit here, and the [batch, 64K, 64000] float32 logits a
 sequence, so keep one sequence per GPU per microbatch (optim.grad_accum_steps).
 """
 
-import importlib.util
 import os
+import runpy
 
 from ml_collections import ConfigDict
 
-
-def tnl_config() -> ConfigDict:
-    """train/configs/tnl_385m.py's config (config files are loaded by path, not as a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tnl_385m.py")
-    spec = importlib.util.spec_from_file_location("tnl_385m_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+# Config files are loaded by path, not as a package: read the base config the same way.
+_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tnl_385m.py")
 
 
 def get_config() -> ConfigDict:
-    config = tnl_config()
+    config = runpy.run_path(_BASE)["get_config"]()
     config.workdir = "runs/tnl_385m_64k"
     config.model.remat = "full"
     config.data.seq_len = 65536
