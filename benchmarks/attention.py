@@ -132,6 +132,9 @@ def check_cases(which: str):
     if which == "full":
         cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in CHECK_DIMS]
         return cases + [(t, d, jnp.float32) for t in (63, 4096, 65536) for d in (64, 128, 256)]
+    if which == "quick":  # one case per kernel variant (tiles, wide rows, chunks), before a sweep
+        cases = [(1000, 128, jnp.bfloat16), (65536, 128, jnp.bfloat16), (4096, 256, jnp.bfloat16)]
+        return cases + [(63, 192, jnp.bfloat16), (4096, 64, jnp.float32), (1000, 256, jnp.float32)]
     if which == "fp32_long":  # the long fp32 cases at wide dims
         return [(65536, d, jnp.float32) for d in (128, 256)]
     # "wide": the cases a shorter run adds to an earlier full one (dims 192/256, fp32 128/256).
@@ -166,15 +169,17 @@ def section_check(results, which="full"):
 # Timing
 
 
-def time_jax(fn, arg_sets, *, target_s=0.002, samples=9):
+def time_jax(fn, arg_sets, *, target_s=0.05, samples=9):
     """Median seconds per call: each sample times enough back-to-back calls (rotating input sets,
-    so repeated calls do not hit a cached copy) to amortise the host dispatch."""
+    so repeated calls do not hit a cached copy) to amortise the host dispatch and the final sync.
+    The GPU queues the calls, so a sample of ~50 ms is device time; a sample of one or two calls
+    (a 2 ms target did that) adds the sync latency to each and overstated sub-ms times by up to 2x."""
     jax.block_until_ready(fn(*arg_sets[0]))
     jax.block_until_ready(fn(*arg_sets[1 % len(arg_sets)]))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*arg_sets[0]))
     single = time.perf_counter() - t0
-    reps = max(1, min(50, int(target_s / max(single, 1e-6))))
+    reps = max(1, min(500, int(target_s / max(single, 1e-6))))
     out = []
     for s in range(samples):
         t0 = time.perf_counter()
@@ -413,7 +418,7 @@ def main():
     parser.add_argument("--out", default="attention.json")
     parser.add_argument("--sections", default="check,family_a,family_b")
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long"))
+    parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long", "quick"))
     parser.add_argument("--shapes", default=None,
                         help="family_b subset, e.g. 8x2048x32x256,8x1024x8x64 (default: all)")
     args = parser.parse_args()

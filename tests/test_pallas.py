@@ -1,8 +1,8 @@
 """The Pallas (Triton) kernels on CPU: interpret mode against the quadratic oracle, and CUDA lowering.
 
 Interpret mode runs the very kernel bodies (slow: shapes stay small). Small `Config`s force the
-multi-chunk path (chunk-state kernel, scans over chunks) and value tiles (dQ/dK partials) at these
-sizes. Cross-lowering for an abstract H100 runs the Pallas-to-Triton lowering, which interpret mode
+multi-chunk path (chunk-state kernel, scans over chunks) and several column tiles per kernel (key
+tiles for dQ/dK, value tiles for o/dV) at these sizes. Cross-lowering for an abstract H100 runs the Pallas-to-Triton lowering, which interpret mode
 does not check (power-of-two values, supported primitives).
 """
 
@@ -16,8 +16,10 @@ import pytest
 from lightning_jax.attention import lightning_attention, pallas_gpu, reference
 
 RATES = (0.0, 8.0, 0.3, 0.02)
-# Chunks of 32 tokens made of blocks of 16, value tiles of 16: every kernel and both scans run.
-SMALL = pallas_gpu.Config(block=16, chunk=32, min_programs=10**6, block_v=16, bwd_block_v=16, scan_tile=64)
+# Chunks of 32 tokens made of blocks of 16, column tiles of 16: every kernel and both scans run.
+SMALL = pallas_gpu.Config(
+    block=16, bwd_block=16, chunk=32, min_programs=10**6, block_v=16, bwd_tile=16, scan_tile=64
+)
 
 
 def _inputs(time, heads, dim_k, dim_v, dtype, seed, batch=1):
@@ -158,7 +160,8 @@ def _lower_for_cuda(shape_q, dim_v, dtype, config, initial_state=True):
 
 def _kernel_names(text):
     names = ("lightning_chunk_states", "lightning_chunk_scan", "lightning_chunk_scan_reverse",
-             "lightning_forward", "lightning_backward_dq", "lightning_backward_dkdv")
+             "lightning_forward", "lightning_backward_dq", "lightning_backward_dk",
+             "lightning_backward_dv")
     return {n for n in names if n in text}
 
 
@@ -166,7 +169,7 @@ def _kernel_names(text):
     "shape_q, dim_v, dtype",
     [
         ((1, 65536, 16, 128), 128, jnp.bfloat16),  # family (a), long: every kernel
-        ((2, 1000, 2, 256), 256, jnp.bfloat16),  # wide rows: 64-wide value tiles, partials
+        ((2, 1000, 2, 256), 256, jnp.bfloat16),  # wide rows: 64-wide tiles, half blocks backward
         ((1, 4100, 2, 24), 48, jnp.float32),  # padded dims, ragged tail, fp32 precise dots
         ((2, 100, 2, 192), 64, jnp.float16),
         ((1, 3, 1, 16), 16, jnp.bfloat16),  # time < block: the 16-token minimum block
@@ -175,11 +178,11 @@ def _kernel_names(text):
 def test_lowers_for_cuda(shape_q, dim_v, dtype):
     text = _lower_for_cuda(shape_q, dim_v, dtype, None)
     names = _kernel_names(text)
-    assert {"lightning_forward", "lightning_backward_dq", "lightning_backward_dkdv"} <= names
+    assert {"lightning_forward", "lightning_backward_dq", "lightning_backward_dk", "lightning_backward_dv"} <= names
 
 
 def test_lowers_for_cuda_all_kernels_small_config():
     names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.bfloat16, SMALL))
-    assert len(names) == 6, names
+    assert len(names) == 7, names
     names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.float32, SMALL, initial_state=False))
-    assert len(names) == 6, names
+    assert len(names) == 7, names

@@ -2,17 +2,17 @@
 
 The math is convention A of docs (lightning-math.md) with the "end exponent" of `xla.py`, organised
 for parallelism at every shape. Time is cut into chunks of L tokens (many blocks of C tokens each),
-and every kernel runs one program per (value tile, chunk, batch x head), so even batch 1, heads 16,
+and every kernel runs one program per (column tile, chunk, batch x head), so even batch 1, heads 16,
 time 65,536 gives hundreds of programs:
 
-  forward   1. `_chunk_state_kernel`  U_j = sum_a lambda^(E_j - a) k_a^T v_a, chunk j alone   (if N > 1)
+  forward   1. `_chunk_state_kernel`  U_j = sum_a k_a^T lambda^(E_j - a) v_a, chunk j alone  (if N > 1)
             2. `_scan_kernel`         R^(j+1) = lambda^(E_j) R^(j) + U_j, a short scan over chunks
             3. `_forward_kernel`      per chunk, from R^(j): blocks of C tokens in order,
-                                      O_i = ((Q_i K_i^T) * D) V_i + diag(lambda^a) Q_i R_i
+                                      O_i = ((Q_i K_i^T) * D) V_i + (diag(lambda^a) Q_i) R_i
   backward  1. `_dq_kernel`           per chunk, forward sweep from the saved R^(j): dQ, and
                                       Y_j = sum_a lambda^a q_a^T dO_a (chunk j alone)       (if N > 1)
             2. `_scan_kernel`         reversed: G^(j-1) = lambda^(E_j) G^(j) + Y_j, G^(N-1) = dL/dS_final
-            3. `_dkdv_kernel`         per chunk, reverse sweep from G^(j): dK, dV, and dL/dR^(0)
+            3. `_dk_kernel`, `_dv_kernel`  per chunk, reverse sweeps from G^(j): dK; dV and dL/dR^(0)
 
 E is the clipped end exponent: block g (global start gC) decays the state by lambda^E_g with
 E_g = clip(time - 1 - gC, 0, C), i.e. C for full blocks, m - 1 for the ragged last block (m its real
@@ -22,12 +22,14 @@ the sum of its blocks' E: clip(time - 1 - jL, 0, L). Every decay is exp(-rate * 
 delta >= 0, built in fp32 from the rate inside the kernels; nothing per token is stored besides
 q, k, v and the outputs; the only residual beyond the inputs is R^(j), one fp32 state per chunk.
 
-dim_k and dim_v are padded to powers of two inside the kernels (masked loads and stores, no padded
-copies in HBM). The value dim may be split into tiles (`Config.block_v`), which bounds the fp32
-state each program carries in registers (dim_k x block_v): o and dV tiles are exact, while dQ and dK
-sum over value tiles and come out as fp32 partials that XLA adds up.
+Registers are the scarce resource: each program carries a dim_k x dim_v fp32 state through its
+chunk. Every kernel therefore carries only a tile of it, split along the dim its output is tiled in,
+so no output needs a sum over programs: o, dV and dL/dR^(0) are tiled along the value dim (state
+columns), dQ and dK along the key dim (state rows). Decays are folded into an operand (q, k or v)
+before each product, so every output tile has a single accumulator.
 
-Without a GPU the same kernels run in Pallas interpret mode (slow, for tests).
+dim_k and dim_v are padded to powers of two inside the kernels (masked loads and stores, no padded
+copies in HBM). Without a GPU the same kernels run in Pallas interpret mode (slow, for tests).
 """
 
 from __future__ import annotations
@@ -50,23 +52,25 @@ class Config:
     """Tuning knobs (static). Defaults from benchmarks/sweep_pallas.py on an H200, bf16."""
 
     block: int = 64  # C: tokens per intra-block quadratic (the tensor-core tile along time)
-    chunk: int = 1024  # L: most tokens per program; shrunk until there are `min_programs`
-    min_programs: int = 528  # 4 programs per SM on a 132-SM H100/H200
+    chunk: int = 2048  # L: most tokens per program; shrunk until there are `min_programs`
+    min_programs: int = 264  # 2 programs per SM on a 132-SM H100/H200 (registers allow 2)
     scan_tile: int = 1024  # state elements per program of the scan over chunks
-    # Forward kernels: a 64-wide value tile with 4 warps beat 128 wide and/or 8 warps at dim 128
-    # (0.52 vs 0.65-1.05 ms at 64 x 1024 x 16 x 128).
+    # Forward kernels (chunk states, outputs): value tile width, warps, pipeline depth.
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    # Backward kernels carry more (G, two accumulators, two C x C matrices): 8 warps, whole
-    # 128-wide value dim (3.0 vs 3.4 ms forward+backward with 4 warps / 64 wide).
-    bwd_block_v: int = 128
-    bwd_num_warps: int = 8
+    # Backward kernels: their block, and the tile width of the split dim (key dim for dQ and dK,
+    # value dim for dV).
+    bwd_block: int = 64
+    bwd_tile: int = 64
+    bwd_num_warps: int = 4
     bwd_num_stages: int = 2
-    # Wide rows (dim_k x itemsize >= 512 bytes: bf16 dim 256, fp32 dim 128) exceed the 227 KiB
-    # of shared memory with the tiles above: 64-wide value tiles and 8 warps, and half the
-    # block for rows of 1 KiB (fp32 dim 256).
-    wide_block_v: int = 64
+    # Wide rows (a padded dim x itemsize >= 512 bytes: bf16 dim 256, fp32 dim 128) overflow the
+    # 227 KiB of shared memory with the tiles above: their own tile width and 8 warps. Blocks halve
+    # for rows of 1 KiB (fp32 dim 256), and the backward's for every fp32 wide row (its operands
+    # are staged as fp32). A 32-token backward block cost 1.8x at bf16 dim 256 (10.9 vs 6.2 ms:
+    # M = 32 dots cannot use wgmma).
+    wide_tile: int = 64
     wide_num_warps: int = 8
 
 
@@ -95,16 +99,16 @@ def _use_interpret() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about one call: shapes, tiling, and how to compile."""
+    """Everything static about one call: shapes, tiling, and how to compile one phase's kernels."""
 
     batch: int
     time: int
     heads: int
     dim_k: int
     dim_v: int
-    block: int  # C
-    chunk: int  # L (a power-of-two multiple of C)
-    block_v: int
+    block: int  # C of this phase
+    chunk: int  # L (a power-of-two multiple of every phase's C)
+    tile: int  # width of the split dim's tiles in this phase
     num_warps: int
     num_stages: int
     scale: float
@@ -126,52 +130,63 @@ class _Plan:
         return -(-self.time // self.chunk)
 
     @property
-    def num_v_tiles(self) -> int:
-        return self.dv_pad // self.block_v
-
-    @property
     def blocks_per_chunk(self) -> int:
         return self.chunk // self.block
 
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        # Value tiles fastest: programs sharing a chunk's q and k run together and share L2.
-        return (self.num_v_tiles, self.num_chunks, self.batch * self.heads)
+    def num_tiles(self, dim: str) -> int:
+        return (self.dk_pad if dim == "k" else self.dv_pad) // self.tile_of(dim)
+
+    def tile_of(self, dim: str) -> int:
+        return min(self.tile, self.dk_pad if dim == "k" else self.dv_pad)
+
+    def grid(self, split: str) -> tuple[int, int, int]:
+        # Tiles fastest: programs sharing a chunk's unsplit operands run together and share L2.
+        return (self.num_tiles(split), self.num_chunks, self.batch * self.heads)
 
     def compiler_params(self):
         return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
 
+    @property
+    def row_bytes(self) -> int:
+        return max(self.dk_pad, self.dv_pad) * self.itemsize
+
     def for_backward(self) -> "_Plan":
         """The same chunks (R^(j) are shared with the forward) with the backward's tiling."""
         cfg = self.config
-        if self.wide:
-            return self
-        block_v = min(cfg.bwd_block_v, self.dv_pad)
+        wide = self.row_bytes >= 512
+        block = cfg.bwd_block // (2 if wide and self.precise else 1)
         return dataclasses.replace(
-            self, block_v=block_v, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages
+            self,
+            block=_block_size(block, self.row_bytes, self.time),
+            tile=cfg.wide_tile if wide else cfg.bwd_tile,
+            num_warps=cfg.wide_num_warps if wide else cfg.bwd_num_warps,
+            num_stages=cfg.bwd_num_stages,
         )
 
-    @property
-    def wide(self) -> bool:
-        return self.dk_pad * self.itemsize >= 512
+
+def _block_size(block: int, row_bytes: int, time: int) -> int:
+    """C: halved for rows of 1 KiB (shared memory); at least 16 (Triton dots), at most time's pow2."""
+    block = block if row_bytes < 1024 else block // 2
+    return max(16, min(block, pl.next_power_of_2(time)))
 
 
 def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
     batch, time, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     dk_pad, dv_pad = pl.next_power_of_2(dim_k), pl.next_power_of_2(dim_v)
-    row_bytes = dk_pad * q.dtype.itemsize
+    row_bytes = max(dk_pad, dv_pad) * q.dtype.itemsize
     wide = row_bytes >= 512
-    # Triton dots need every dimension >= 16; a short sequence gets a short block.
-    block = block_size or (config.block if row_bytes < 1024 else config.block // 2)
-    block = max(16, min(block, pl.next_power_of_2(time)))
-    block_v = min(config.wide_block_v if wide else config.block_v, dv_pad)
-    n_v = dv_pad // block_v
-    # Longest chunk (fewest per-chunk states) that still gives enough programs to fill the GPU.
-    chunk = max(block, config.chunk)
-    while chunk > 2 * block and n_v * batch * heads * -(-time // chunk) < config.min_programs:
+    block = max(16, min(block_size, pl.next_power_of_2(time))) if block_size else None
+    block = block or _block_size(config.block, row_bytes, time)
+    tile = min(config.wide_tile if wide else config.block_v, dv_pad)
+    n_v = dv_pad // tile
+    # Longest chunk (fewest per-chunk states) that still gives enough programs to fill the GPU;
+    # a multiple of both phases' blocks (all powers of two).
+    step = max(block, _block_size(config.bwd_block, row_bytes, time))
+    chunk = max(step, config.chunk)
+    while chunk > 2 * step and n_v * batch * heads * -(-time // chunk) < config.min_programs:
         chunk //= 2
-    chunk = min(chunk, block * pl.next_power_of_2(-(-time // block)))
+    chunk = min(chunk, step * pl.next_power_of_2(-(-time // step)))
     return _Plan(
         batch=batch,
         time=time,
@@ -180,7 +195,7 @@ def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
         dim_v=dim_v,
         block=block,
         chunk=chunk,
-        block_v=block_v,
+        tile=tile,
         num_warps=config.wide_num_warps if wide else config.num_warps,
         num_stages=config.num_stages,
         scale=float(scale),
@@ -202,50 +217,52 @@ def _dot(a, b, plan: _Plan, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
-class _Tile:
-    """Masked loads and stores of [C, dim] tiles of a [chunk, dim_pad] block ref.
+def _scaled(x, factors, dtype):
+    """diag(factors) x in `dtype`: a per-row decay folded into a matmul operand."""
+    return (x.astype(_F32) * factors[:, None]).astype(dtype)
 
-    Rows past `time` (the ragged tail) and columns past the real dim read as zero and are never
-    written. Masks are only built where the shape needs them, so full tiles load unmasked.
+
+class _Tile:
+    """Masked loads and stores of [C, width] tiles of a [chunk, width] block ref.
+
+    `split` names the dim ("k" or "v") whose columns are tiled over program_id(0); the other dim is
+    loaded whole. Rows past `time` (the ragged tail) and columns past the real dim read as zero and
+    are never written. Masks are only built where the shape needs them, so full tiles load unmasked.
     """
 
-    def __init__(self, plan: _Plan, chunk_index):
+    def __init__(self, plan: _Plan, chunk_index, split: str):
         self.plan = plan
         self.chunk_start = chunk_index * plan.chunk
         self.ragged = plan.time % plan.chunk != 0
+        self.width = {"k": plan.dk_pad, "v": plan.dv_pad}
+        self.col0 = {"k": 0, "v": 0}
+        self.width[split] = plan.tile_of(split)
         # Read outside the block loops: interpret mode cannot see program_id inside a loop body.
-        self.col0 = _col0(plan)
+        self.col0[split] = pl.program_id(0) * self.width[split]
 
-    def _mask(self, t0, width: int, real_width, col0):
-        rows = self.chunk_start + t0 + jnp.arange(self.plan.block)
+    def _mask(self, t0, dim: str):
+        plan = self.plan
+        width, real = self.width[dim], (plan.dim_k if dim == "k" else plan.dim_v)
         mask = None
         if self.ragged:
-            mask = (rows < self.plan.time)[:, None]
-        if real_width is not None:
-            cols = (col0 + jnp.arange(width) < real_width)[None, :]
+            rows = self.chunk_start + t0 + jnp.arange(plan.block)
+            mask = (rows < plan.time)[:, None]
+        if real != (plan.dk_pad if dim == "k" else plan.dv_pad):
+            cols = (self.col0[dim] + jnp.arange(width) < real)[None, :]
             mask = cols if mask is None else mask & cols
         if mask is not None:
-            mask = jnp.broadcast_to(mask, (self.plan.block, width))
+            mask = jnp.broadcast_to(mask, (plan.block, width))
         return mask
 
-    def _dim_mask(self, t0, dim: str):
-        """dim "k": a [C, dk_pad] tile; "v": a [C, block_v] tile of value tile program_id(0)."""
-        plan = self.plan
-        if dim == "k":
-            real = plan.dim_k if plan.dim_k != plan.dk_pad else None
-            return self._mask(t0, plan.dk_pad, real, 0)
-        real = plan.dim_v if plan.dim_v != plan.dv_pad else None
-        return self._mask(t0, plan.block_v, real, self.col0)
-
     def load(self, ref, t0, dim: str):
-        mask = self._dim_mask(t0, dim)
+        mask = self._mask(t0, dim)
         view = ref.at[pl.ds(t0, self.plan.block), :]
         if mask is None:
             return view[...]
         return plt.load(view, mask=mask, other=0.0)
 
     def store(self, ref, t0, value, dim: str):
-        mask = self._dim_mask(t0, dim)
+        mask = self._mask(t0, dim)
         view = ref.at[pl.ds(t0, self.plan.block), :]
         value = value.astype(ref.dtype)
         if mask is None:
@@ -259,33 +276,51 @@ def _end_exponent(plan: _Plan, start, length: int):
     return jnp.clip(plan.time - 1 - start, 0, length).astype(_F32)
 
 
-def _decays(rate, plan: _Plan):
-    """Per-block decays: intra mask D[a, b] = lambda^(a - b) (a >= b, else 0) and lambda^a."""
-    a = jnp.arange(plan.block).astype(_F32)
-    lag = a[:, None] - a[None, :]
-    # Mask the exponent, not the result: exp(+large) above the diagonal would overflow.
-    intra = jnp.exp(jnp.where(lag >= 0, -rate * lag, -jnp.inf))
-    return a, intra, jnp.exp(-rate * a)
+class _Decays:
+    """The decays of one program's blocks, all exp(-rate * delta) with delta >= 0 (never overflow)."""
 
+    def __init__(self, rate, plan: _Plan, chunk_index):
+        self.rate, self.plan = rate, plan
+        self.chunk_start = chunk_index * plan.chunk
+        self.a = jnp.arange(plan.block).astype(_F32)
+        lag = self.a[:, None] - self.a[None, :]
+        # D[a, b] = lambda^(a - b) for a >= b, else 0. Mask the exponent, not the result:
+        # exp(+large) above the diagonal would overflow.
+        self.intra = jnp.exp(jnp.where(lag >= 0, -rate * lag, -jnp.inf))
+        self.from_start = jnp.exp(-rate * self.a)  # lambda^a: the state reaching row a
 
-def _col0(plan: _Plan):
-    return pl.program_id(0) * plan.block_v
+    def from_chunk_start(self, t0):
+        """lambda^(t0 + a): the chunk's incoming state reaching row a of the block at offset t0."""
+        return jnp.exp(-self.rate * (t0 + self.a))
+
+    def block(self, t0):
+        """(lambda^E, lambda^(E - a)) for the block at chunk offset t0: the whole state's decay
+        over the block and each row's decay to the block's end (padded rows: finite, unused)."""
+        end = _end_exponent(self.plan, self.chunk_start + t0, self.plan.block)
+        return jnp.exp(-self.rate * end), jnp.exp(-self.rate * jnp.maximum(end - self.a, 0.0))
 
 
 def _rate(rates_ref, plan: _Plan):
     return rates_ref[pl.program_id(2) % plan.heads]
 
 
+def _load_q(tile: _Tile, q_ref, t0, dim: str = "k"):
+    q = tile.load(q_ref, t0, dim)
+    if tile.plan.scale != 1.0:
+        q = (q * tile.plan.scale).astype(q_ref.dtype)
+    return q
+
+
 # ----------------------------------------------------------------------------------------------
-# Forward kernels.
+# Forward kernels (value dim split: programs own columns of the state).
 
 
 def _chunk_state_kernel(rates_ref, k_ref, v_ref, u_ref, *, plan: _Plan):
-    """U_j = sum_a lambda^(E_j - a) k_a^T v_a over chunk j: the chunk's own contribution to the state
+    """U_j = sum_a k_a^T lambda^(E_j - a) v_a over chunk j: the chunk's own contribution to the state
     after it. Decays are taken from the chunk's end directly, so no per-block rescaling is needed."""
     rate = _rate(rates_ref, plan)
     j = pl.program_id(1)
-    tile = _Tile(plan, j)
+    tile = _Tile(plan, j, "v")
     end = _end_exponent(plan, j * plan.chunk, plan.chunk)
     a = jnp.arange(plan.block).astype(_F32)
     dt = k_ref.dtype
@@ -294,11 +329,11 @@ def _chunk_state_kernel(rates_ref, k_ref, v_ref, u_ref, *, plan: _Plan):
         t0 = i * plan.block
         k = tile.load(k_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
-        # Padded rows have k = 0; the max keeps their (unused) factor finite.
-        k_decay = jnp.exp(-rate * jnp.maximum(end - (t0 + a), 0.0))
-        return u + _dot((k * k_decay[:, None]).astype(dt), v, plan, trans_a=True)
+        # Padded rows have v = 0; the max keeps their (unused) factor finite.
+        v_decay = jnp.exp(-rate * jnp.maximum(end - (t0 + a), 0.0))
+        return u + _dot(k, _scaled(v, v_decay, dt), plan, trans_a=True)
 
-    u = jnp.zeros((plan.dk_pad, plan.block_v), _F32)
+    u = jnp.zeros((plan.dk_pad, tile.width["v"]), _F32)
     u_ref[...] = lax.fori_loop(0, plan.blocks_per_chunk, body, u)
 
 
@@ -331,29 +366,25 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
         r0_ref, o_ref, final_ref = rest
     else:
         o_ref, final_ref = rest
-    rate = _rate(rates_ref, plan)
     j = pl.program_id(1)
-    tile = _Tile(plan, j)
-    a, intra, q_decay = _decays(rate, plan)
+    tile = _Tile(plan, j, "v")
+    decays = _Decays(_rate(rates_ref, plan), plan, j)
     dt = q_ref.dtype
 
     def body(i, r):
         t0 = i * plan.block
-        q = tile.load(q_ref, t0, "k")
-        if plan.scale != 1.0:
-            q = (q * plan.scale).astype(dt)
+        q = _load_q(tile, q_ref, t0)
         k = tile.load(k_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
-        scores = _dot(q, k, plan, trans_b=True) * intra
-        o = _dot(scores.astype(dt), v, plan) + q_decay[:, None] * _dot(q, r.astype(dt), plan)
+        scores = _dot(q, k, plan, trans_b=True) * decays.intra
+        o = _dot(_scaled(q, decays.from_start, dt), r.astype(dt), plan)
+        o = o + _dot(scores.astype(dt), v, plan)
         tile.store(o_ref, t0, o, "v")
-        # R_{i+1} = lambda^E R_i + (diag(lambda^(E - a)) K)^T V, E the block's end exponent.
-        end = _end_exponent(plan, j * plan.chunk + t0, plan.block)
-        k_decay = jnp.exp(-rate * jnp.maximum(end - a, 0.0))
-        kv = _dot((k * k_decay[:, None]).astype(dt), v, plan, trans_a=True)
-        return jnp.exp(-rate * end) * r + kv
+        # R_{i+1} = lambda^E R_i + K^T diag(lambda^(E - a)) V, E the block's end exponent.
+        state_decay, row_decay = decays.block(t0)
+        return state_decay * r + _dot(k, _scaled(v, row_decay, dt), plan, trans_a=True)
 
-    r = r0_ref[...] if has_r0 else jnp.zeros((plan.dk_pad, plan.block_v), _F32)
+    r = r0_ref[...] if has_r0 else jnp.zeros((plan.dk_pad, tile.width["v"]), _F32)
     r = lax.fori_loop(0, plan.blocks_per_chunk, body, r)
 
     @pl.when(j == plan.num_chunks - 1)
@@ -366,72 +397,84 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
 
 
 def _dq_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan, has_r0: bool, with_y: bool):
-    """dQ_i = P_i K_i + diag(lambda^a) dO_i R_i^T with P_i = (dO_i V_i^T) * D, sweeping forward from
-    R^(j); also Y_j = sum_a lambda^a q_a^T dO_a, chunk j's own term of dL/dR^(j) (for the scan)."""
+    """Key dim split. dQ_i = P_i K_i + diag(lambda^a) dO_i R_i^T with P_i = (dO_i V_i^T) * D, sweeping
+    forward from R^(j); also Y_j = sum_a lambda^a q_a^T dO_a, chunk j's own term of dL/dR^(j)."""
     rest = list(rest)
     r0_ref = rest.pop(0) if has_r0 else None
     dq_ref = rest.pop(0)
     y_ref = rest.pop(0) if with_y else None
-    rate = _rate(rates_ref, plan)
     j = pl.program_id(1)
-    tile = _Tile(plan, j)
-    a, intra, q_decay = _decays(rate, plan)
+    tile = _Tile(plan, j, "k")
+    decays = _Decays(_rate(rates_ref, plan), plan, j)
     dt = q_ref.dtype
 
     def body(i, carry):
-        r, y = carry
+        r, y = carry  # rows of R and Y: [key tile, dv_pad]
         t0 = i * plan.block
         k = tile.load(k_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
         do = tile.load(do_ref, t0, "v")
-        p = _dot(do, v, plan, trans_b=True) * intra
-        dq = _dot(p.astype(dt), k, plan) + q_decay[:, None] * _dot(do, r.astype(dt), plan, trans_b=True)
+        p = _dot(do, v, plan, trans_b=True) * decays.intra
+        dq = _dot(_scaled(do, decays.from_start, dt), r.astype(dt), plan, trans_b=True)
+        dq = dq + _dot(p.astype(dt), k, plan)
         tile.store(dq_ref, t0, dq * plan.scale, "k")
-        end = _end_exponent(plan, j * plan.chunk + t0, plan.block)
-        k_decay = jnp.exp(-rate * jnp.maximum(end - a, 0.0))
-        r = jnp.exp(-rate * end) * r + _dot((k * k_decay[:, None]).astype(dt), v, plan, trans_a=True)
-        if with_y:
-            q = tile.load(q_ref, t0, "k")
-            qd = q.astype(_F32) * (plan.scale * jnp.exp(-rate * (t0 + a)))[:, None]
-            y = y + _dot(qd.astype(dt), do, plan, trans_a=True)
+        state_decay, row_decay = decays.block(t0)
+        r = state_decay * r + _dot(k, _scaled(v, row_decay, dt), plan, trans_a=True)
+        if with_y:  # decays from the chunk's start, not the block's
+            q = _load_q(tile, q_ref, t0)
+            y = y + _dot(_scaled(q, decays.from_chunk_start(t0), dt), do, plan, trans_a=True)
         return r, y
 
-    r = r0_ref[...] if has_r0 else jnp.zeros((plan.dk_pad, plan.block_v), _F32)
-    y = jnp.zeros((plan.dk_pad, plan.block_v), _F32)
-    _, y = lax.fori_loop(0, plan.blocks_per_chunk, body, (r, y))
+    shape = (tile.width["k"], plan.dv_pad)
+    r = r0_ref[...] if has_r0 else jnp.zeros(shape, _F32)
+    _, y = lax.fori_loop(0, plan.blocks_per_chunk, body, (r, jnp.zeros(shape, _F32)))
     if with_y:
         y_ref[...] = y
 
 
-def _dkdv_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dk_ref, dv_ref, dr0_ref, *, plan: _Plan):
-    """Reverse sweep over chunk j's blocks from G = dL/dR^(j+1):
-    dK_i = P_i^T Q_i + diag(lambda^(E - a)) V_i G^T,  dV_i = A_i^T dO_i + diag(lambda^(E - a)) K_i G,
-    G <- lambda^E G + (diag(lambda^a) Q_i)^T dO_i;  chunk 0 ends with dL/dR^(0)."""
-    rate = _rate(rates_ref, plan)
+def _dk_kernel(rates_ref, q_ref, v_ref, do_ref, g_ref, dk_ref, *, plan: _Plan):
+    """Key dim split. Reverse sweep over chunk j's blocks from rows of G = dL/dR^(j+1):
+    dK_i = P_i^T Q_i + diag(lambda^(E - a)) V_i G^T,  G <- lambda^E G + (diag(lambda^a) Q_i)^T dO_i."""
     j = pl.program_id(1)
-    tile = _Tile(plan, j)
-    a, intra, q_decay = _decays(rate, plan)
+    tile = _Tile(plan, j, "k")
+    decays = _Decays(_rate(rates_ref, plan), plan, j)
     dt = q_ref.dtype
 
     def body(i, g):
         t0 = (plan.blocks_per_chunk - 1 - i) * plan.block
-        q = tile.load(q_ref, t0, "k")
-        if plan.scale != 1.0:
-            q = (q * plan.scale).astype(dt)
-        k = tile.load(k_ref, t0, "k")
+        q = _load_q(tile, q_ref, t0)
         v = tile.load(v_ref, t0, "v")
         do = tile.load(do_ref, t0, "v")
-        scores = _dot(q, k, plan, trans_b=True) * intra  # A
-        p = _dot(do, v, plan, trans_b=True) * intra  # P
-        end = _end_exponent(plan, j * plan.chunk + t0, plan.block)
-        k_decay = jnp.exp(-rate * jnp.maximum(end - a, 0.0))[:, None]
-        gd = g.astype(dt)
-        dv = _dot(scores.astype(dt), do, plan, trans_a=True) + k_decay * _dot(k, gd, plan)
-        dk = _dot(p.astype(dt), q, plan, trans_a=True) + k_decay * _dot(v, gd, plan, trans_b=True)
-        tile.store(dv_ref, t0, dv, "v")
+        p = _dot(do, v, plan, trans_b=True) * decays.intra
+        state_decay, row_decay = decays.block(t0)
+        dk = _dot(_scaled(v, row_decay, dt), g.astype(dt), plan, trans_b=True)
+        dk = dk + _dot(p.astype(dt), q, plan, trans_a=True)
         tile.store(dk_ref, t0, dk, "k")
-        qd = (q.astype(_F32) * q_decay[:, None]).astype(dt)
-        return jnp.exp(-rate * end) * g + _dot(qd, do, plan, trans_a=True)
+        return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
+
+    lax.fori_loop(0, plan.blocks_per_chunk, body, g_ref[...])
+
+
+def _dv_kernel(rates_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, dr0_ref, *, plan: _Plan):
+    """Value dim split. Reverse sweep over chunk j's blocks from columns of G = dL/dR^(j+1):
+    dV_i = A_i^T dO_i + diag(lambda^(E - a)) K_i G,  A_i = (Q_i K_i^T) * D;  chunk 0 ends with
+    dL/dR^(0)."""
+    j = pl.program_id(1)
+    tile = _Tile(plan, j, "v")
+    decays = _Decays(_rate(rates_ref, plan), plan, j)
+    dt = q_ref.dtype
+
+    def body(i, g):
+        t0 = (plan.blocks_per_chunk - 1 - i) * plan.block
+        q = _load_q(tile, q_ref, t0)
+        k = tile.load(k_ref, t0, "k")
+        do = tile.load(do_ref, t0, "v")
+        scores = _dot(q, k, plan, trans_b=True) * decays.intra
+        state_decay, row_decay = decays.block(t0)
+        dv = _dot(_scaled(k, row_decay, dt), g.astype(dt), plan)
+        dv = dv + _dot(scores.astype(dt), do, plan, trans_a=True)
+        tile.store(dv_ref, t0, dv, "v")
+        return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
 
     g = lax.fori_loop(0, plan.blocks_per_chunk, body, g_ref[...])
 
@@ -445,47 +488,44 @@ def _dkdv_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, g_ref, dk_ref, dv_ref, 
 # so blocks wider than the real dim (padding) cost nothing: loads past it are masked.
 
 
-def _token_spec(plan: _Plan, width: int, value_tiled: bool):
+def _token_spec(plan: _Plan, dim: str, split: str):
+    """[batch, time, heads, dim] tokens of chunk j: a column tile if `dim` is the split dim."""
     heads = plan.heads
-    if value_tiled:
+    if dim == split:
         return pl.BlockSpec(
-            (None, plan.chunk, None, plan.block_v),
-            lambda vt, j, bh: (bh // heads, j, bh % heads, vt),
+            (None, plan.chunk, None, plan.tile_of(dim)),
+            lambda t, j, bh: (bh // heads, j, bh % heads, t),
         )
-    return pl.BlockSpec(
-        (None, plan.chunk, None, width), lambda vt, j, bh: (bh // heads, j, bh % heads, 0)
-    )
+    width = plan.dk_pad if dim == "k" else plan.dv_pad
+    return pl.BlockSpec((None, plan.chunk, None, width), lambda t, j, bh: (bh // heads, j, bh % heads, 0))
 
 
-def _partial_spec(plan: _Plan, width: int):
-    """dQ / dK partials: [value tiles, batch, time, heads, dim_k], one slab per value tile."""
-    heads = plan.heads
-    return pl.BlockSpec(
-        (None, None, plan.chunk, None, width),
-        lambda vt, j, bh: (vt, bh // heads, j, bh % heads, 0),
-    )
+def _state_block(plan: _Plan, split: str):
+    """The part of a dk_pad x dv_pad state one program owns: rows (split "k") or columns ("v")."""
+    if split == "k":
+        return (plan.tile_of("k"), plan.dv_pad), lambda t: (t, 0)
+    return (plan.dk_pad, plan.tile_of("v")), lambda t: (0, t)
 
 
-def _state_spec(plan: _Plan, chunk_offset: int = 0):
-    """Per-chunk states [batch * heads, N, dk_pad, dv_pad]: chunk j (+ offset), value tile vt."""
-    return pl.BlockSpec(
-        (None, None, plan.dk_pad, plan.block_v),
-        lambda vt, j, bh: (bh, j + chunk_offset, 0, vt),
-    )
+def _state_spec(plan: _Plan, split: str):
+    """Per-chunk states [batch * heads, N, dk_pad, dv_pad]: chunk j, this program's part."""
+    block, index = _state_block(plan, split)
+    return pl.BlockSpec((None, None, *block), lambda t, j, bh: (bh, j, *index(t)))
 
 
-def _single_state_spec(plan: _Plan):
+def _single_state_spec(plan: _Plan, split: str):
     """One state per (batch, head): [batch * heads, dk_pad, dv_pad]."""
-    return pl.BlockSpec((None, plan.dk_pad, plan.block_v), lambda vt, j, bh: (bh, 0, vt))
+    block, index = _state_block(plan, split)
+    return pl.BlockSpec((None, *block), lambda t, j, bh: (bh, *index(t)))
 
 
 _WHOLE = pl.BlockSpec()  # the whole array (the per-head rates)
 
 
-def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str):
+def _call(kernel, plan: _Plan, split: str, in_specs, out_specs, out_shape, name: str):
     return pl.pallas_call(
         kernel,
-        grid=plan.grid,
+        grid=plan.grid(split),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -495,8 +535,9 @@ def _call(kernel, plan: _Plan, in_specs, out_specs, out_shape, name: str):
     )
 
 
-def _states_shape(plan: _Plan, n: int):
-    return jax.ShapeDtypeStruct((plan.batch * plan.heads, n, plan.dk_pad, plan.dv_pad), _F32)
+def _states_shape(plan: _Plan, n: int | None):
+    lead = (plan.batch * plan.heads,) + (() if n is None else (n,))
+    return jax.ShapeDtypeStruct((*lead, plan.dk_pad, plan.dv_pad), _F32)
 
 
 def _chunk_states(plan: _Plan, k, v, rates):
@@ -504,8 +545,9 @@ def _chunk_states(plan: _Plan, k, v, rates):
     return _call(
         kernel,
         plan,
-        [_WHOLE, _token_spec(plan, plan.dk_pad, False), _token_spec(plan, plan.dv_pad, True)],
-        _state_spec(plan),
+        "v",
+        [_WHOLE, _token_spec(plan, "k", "v"), _token_spec(plan, "v", "v")],
+        _state_spec(plan, "v"),
         _states_shape(plan, plan.num_chunks),
         "lightning_chunk_states",
     )(rates, k, v)
@@ -563,21 +605,14 @@ def _forward(plan: _Plan, q, k, v, rates, s_in):
     r = _start_states(plan, k, v, rates, s_in)
     has_r0 = r is not None
     kernel = functools.partial(_forward_kernel, plan=plan, has_r0=has_r0)
-    in_specs = [
-        _WHOLE,
-        _token_spec(plan, plan.dk_pad, False),
-        _token_spec(plan, plan.dk_pad, False),
-        _token_spec(plan, plan.dv_pad, True),
-    ] + ([_state_spec(plan)] if has_r0 else [])
+    tokens = [_token_spec(plan, dim, "v") for dim in "kkv"]
     o, final = _call(
         kernel,
         plan,
-        in_specs,
-        [_token_spec(plan, plan.dv_pad, True), _single_state_spec(plan)],
-        [
-            jax.ShapeDtypeStruct(v.shape, q.dtype),
-            jax.ShapeDtypeStruct((plan.batch * plan.heads, plan.dk_pad, plan.dv_pad), _F32),
-        ],
+        "v",
+        [_WHOLE, *tokens] + ([_state_spec(plan, "v")] if has_r0 else []),
+        [_token_spec(plan, "v", "v"), _single_state_spec(plan, "v")],
+        [jax.ShapeDtypeStruct(v.shape, q.dtype), _states_shape(plan, None)],
         "lightning_forward",
     )(rates, q, k, v, *([r] if has_r0 else []))
     return o, _unpad_state(plan, final), r
@@ -586,49 +621,43 @@ def _forward(plan: _Plan, q, k, v, rates, s_in):
 def _backward(plan: _Plan, q, k, v, rates, r, d_o, d_final):
     has_r0 = r is not None
     with_y = plan.num_chunks > 1
-    n_v = plan.num_v_tiles
-    # With one value tile dQ and dK are complete and go out in the input dtype; else fp32 partials.
-    partial_dtype = q.dtype if n_v == 1 else _F32
-    partial_shape = jax.ShapeDtypeStruct((n_v, *q.shape), partial_dtype)
-    tokens = [
-        _token_spec(plan, plan.dk_pad, False),
-        _token_spec(plan, plan.dk_pad, False),
-        _token_spec(plan, plan.dv_pad, True),
-        _token_spec(plan, plan.dv_pad, True),
-    ]
 
     kernel = functools.partial(_dq_kernel, plan=plan, has_r0=has_r0, with_y=with_y)
     outs = _call(
         kernel,
         plan,
-        [_WHOLE, *tokens] + ([_state_spec(plan)] if has_r0 else []),
-        [_partial_spec(plan, plan.dk_pad)] + ([_state_spec(plan)] if with_y else []),
-        [partial_shape] + ([_states_shape(plan, plan.num_chunks)] if with_y else []),
+        "k",
+        [_WHOLE, *(_token_spec(plan, dim, "k") for dim in "kkvv")]
+        + ([_state_spec(plan, "k")] if has_r0 else []),
+        [_token_spec(plan, "k", "k")] + ([_state_spec(plan, "k")] if with_y else []),
+        [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        + ([_states_shape(plan, plan.num_chunks)] if with_y else []),
         "lightning_backward_dq",
     )(rates, q, k, v, d_o, *([r] if has_r0 else []))
-    dq_parts = outs[0]
+    dq = outs[0]
 
     g_last = _pad_state(plan, d_final)
-    if with_y:
-        g = _scan(plan, outs[1], g_last, rates, reverse=True)
-    else:
-        g = g_last[:, None]
+    g = _scan(plan, outs[1], g_last, rates, reverse=True) if with_y else g_last[:, None]
 
-    kernel = functools.partial(_dkdv_kernel, plan=plan)
-    dk_parts, dv, dr0 = _call(
-        kernel,
+    dk = _call(
+        functools.partial(_dk_kernel, plan=plan),
         plan,
-        [_WHOLE, *tokens, _state_spec(plan)],
-        [_partial_spec(plan, plan.dk_pad), _token_spec(plan, plan.dv_pad, True), _single_state_spec(plan)],
-        [
-            partial_shape,
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
-            jax.ShapeDtypeStruct((plan.batch * plan.heads, plan.dk_pad, plan.dv_pad), _F32),
-        ],
-        "lightning_backward_dkdv",
-    )(rates, q, k, v, d_o, g)
-    dq = dq_parts[0] if n_v == 1 else dq_parts.sum(0).astype(q.dtype)
-    dk = dk_parts[0] if n_v == 1 else dk_parts.sum(0).astype(k.dtype)
+        "k",
+        [_WHOLE, *(_token_spec(plan, dim, "k") for dim in "kvv"), _state_spec(plan, "k")],
+        _token_spec(plan, "k", "k"),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        "lightning_backward_dk",
+    )(rates, q, v, d_o, g)
+
+    dv, dr0 = _call(
+        functools.partial(_dv_kernel, plan=plan),
+        plan,
+        "v",
+        [_WHOLE, *(_token_spec(plan, dim, "v") for dim in "kkv"), _state_spec(plan, "v")],
+        [_token_spec(plan, "v", "v"), _single_state_spec(plan, "v")],
+        [jax.ShapeDtypeStruct(v.shape, v.dtype), _states_shape(plan, None)],
+        "lightning_backward_dv",
+    )(rates, q, k, d_o, g)
     first = jnp.tile(jnp.exp(-rates), plan.batch)[:, None, None]
     d_s_in = _unpad_state(plan, first * dr0)
     return dq, dk, dv, d_s_in
@@ -671,7 +700,7 @@ def lightning_attention_pallas(
     """Pallas (Triton) implementation. Shapes as in `lightning_jax.attention.api`.
 
     Returns (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dk, dv]).
-    `block_size` overrides `config.block` (the intra-block size C).
+    `block_size` overrides `config.block` (the intra-block size C of the forward kernels).
     """
     plan = _make_plan(
         q,
