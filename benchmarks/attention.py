@@ -50,6 +50,7 @@ CHECK_TIMES = (1, 63, 64, 1000, 4096, 65536)
 CHECK_DIMS = (64, 128, 192, 256)
 CHECK_RATES = (0.0, 8.0, 0.5, 2.0**-8)  # 0 (no decay) and 8 (decay ~3e-4 per token) included
 SAVE = lambda: None  # set by main: write the JSON after every row, so a killed run keeps its results
+SKIP: set[str] = set()  # variants not to time (--skip)
 TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-3}
 
 
@@ -143,10 +144,12 @@ def check_cases(which: str):
     return cases + [(t, d, jnp.float32) for t in (63, 65536) for d in (128, 256)]
 
 
-def section_check(results, which="full"):
+def section_check(results, which="full", start=0):
     cases = check_cases(which)
     rows = []
     for i, (t, d, dtype) in enumerate(cases):
+        if i < start:
+            continue
         name = jnp.dtype(dtype).name
         try:
             start = time.perf_counter()
@@ -303,6 +306,8 @@ def time_shape(shape, bandwidth, peers: bool):
     ]
     rows = {}
     for name, f in jax_variants(shape, rates).items():
+        if name in SKIP:
+            continue
         row = {}
         try:
             fwd = jax.jit(lambda q, k, v, do, f=f: f(q, k, v))
@@ -330,6 +335,8 @@ def time_shape(shape, bandwidth, peers: bool):
                     t.requires_grad_(True)
                 t_sets.append(ts)
             for name, f in torch_variants(shape, rates_np).items():
+                if name in SKIP:
+                    continue
                 row = {}
                 try:
                     with torch.no_grad():
@@ -418,6 +425,9 @@ def main():
     parser.add_argument("--out", default="attention.json")
     parser.add_argument("--sections", default="check,family_a,family_b")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--skip", default="", help="variants not to time, e.g. xla,cudnn")
+    parser.add_argument("--check-start", type=int, default=0,
+                        help="first case of the check set to run (resume a run cut short)")
     parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long", "quick"))
     parser.add_argument("--shapes", default=None,
                         help="family_b subset, e.g. 8x2048x32x256,8x1024x8x64 (default: all)")
@@ -438,6 +448,7 @@ def main():
 
     global SAVE
     SAVE = save
+    SKIP.update(filter(None, args.skip.split(",")))
 
     if any(s.startswith("family") for s in sections):
         results["copy_bandwidth_Bps"] = bw = copy_bandwidth()
@@ -449,7 +460,7 @@ def main():
             section_family(results, "family_b", family_b, bw, not args.no_peers)
             save()
     if "check" in sections:
-        section_check(results, args.check_set)
+        section_check(results, args.check_set, args.check_start)
     save()
     print_tables(results)
 

@@ -52,7 +52,7 @@ class Config:
     """Tuning knobs (static). Defaults from benchmarks/sweep_pallas.py on an H200, bf16."""
 
     block: int = 64  # C: tokens per intra-block quadratic (the tensor-core tile along time)
-    chunk: int = 2048  # L: most tokens per program; shrunk until there are `min_programs`
+    chunk: int = 2048  # L: most tokens per program when a sequence needs several (see _make_plan)
     min_programs: int = 264  # 2 programs per SM on a 132-SM H100/H200 (registers allow 2)
     scan_tile: int = 1024  # state elements per program of the scan over chunks
     # Forward kernels (chunk states, outputs): value tile width, warps, pipeline depth.
@@ -180,13 +180,15 @@ def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
     block = block or _block_size(config.block, row_bytes, time)
     tile = min(config.wide_tile if wide else config.block_v, dv_pad)
     n_v = dv_pad // tile
-    # Longest chunk (fewest per-chunk states) that still gives enough programs to fill the GPU;
-    # a multiple of both phases' blocks (all powers of two).
+    # One chunk per sequence when (value tiles, batch, heads) alone fill the GPU: no chunk-state
+    # pass, no scans. Else the longest chunk up to `config.chunk` that gives enough programs.
+    # Chunks are multiples of both phases' blocks (all powers of two).
     step = max(block, _block_size(config.bwd_block, row_bytes, time))
+    whole = step * pl.next_power_of_2(-(-time // step))
     chunk = max(step, config.chunk)
     while chunk > 2 * step and n_v * batch * heads * -(-time // chunk) < config.min_programs:
         chunk //= 2
-    chunk = min(chunk, step * pl.next_power_of_2(-(-time // step)))
+    chunk = whole if n_v * batch * heads >= config.min_programs else min(chunk, whole)
     return _Plan(
         batch=batch,
         time=time,
