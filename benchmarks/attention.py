@@ -144,11 +144,11 @@ def check_cases(which: str):
     return cases + [(t, d, jnp.float32) for t in (63, 65536) for d in (128, 256)]
 
 
-def section_check(results, which="full", start=0):
+def section_check(results, which="full", first=0):
     cases = check_cases(which)
     rows = []
     for i, (t, d, dtype) in enumerate(cases):
-        if i < start:
+        if i < first:
             continue
         name = jnp.dtype(dtype).name
         try:
