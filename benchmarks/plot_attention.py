@@ -1,26 +1,51 @@
-"""Time vs sequence length (family (a)) from benchmarks/attention.py's JSON: python benchmarks/plot_attention.py IN.json OUT.png"""
+"""Time vs sequence length (family (a)) from benchmarks/attention.py's JSON files.
+
+    python benchmarks/plot_attention.py OUT.png IN.json [MORE.json ...]
+
+Family (a) points are the rows with 65,536 tokens, heads 16, dim 128 from any section; a later file's
+row replaces an earlier one of the same shape (a re-run after a change), so every point keeps the
+peers timed in its own run.
+"""
 
 import json
 import sys
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-results = json.load(open(sys.argv[1]))
-rows = results["family_a"]
-fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-for ax, key, title in ((axes[0], "fwd_s", "forward"), (axes[1], "fb_s", "forward + backward")):
-    names = [n for n in rows[0]["impls"] if n not in ("cudnn", "seed")]
-    for name in names:
-        pts = [(r["shape"][1], r["impls"][name][key] * 1e3) for r in rows if key in r["impls"].get(name, {})]
-        ax.plot(*zip(*pts), marker="o", label="ours (pallas)" if name == "pallas" else name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length (batch = 65,536 / length), heads 16, dim 128, bf16")
-    ax.set_ylabel("ms")
-    ax.set_title(f"{title}, {results['versions'].get('device', '')}")
-    ax.legend()
-fig.tight_layout()
-fig.savefig(sys.argv[2], dpi=110)
+def family_a_rows(paths):
+    rows, device = {}, ""
+    for path in paths:
+        results = json.load(open(path))
+        device = results["versions"].get("device", device)
+        for key in ("family_a", "family_b"):
+            for row in results.get(key, []):
+                batch, time, heads, dim = row["shape"]
+                if batch * time == 65536 and heads == 16 and dim == 128:
+                    rows[time] = row
+    return [rows[t] for t in sorted(rows)], device
+
+
+def main():
+    matplotlib.use("Agg")
+    out, paths = sys.argv[1], sys.argv[2:]
+    rows, device = family_a_rows(paths)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "fwd_s", "forward"), (axes[1], "fb_s", "forward + backward")):
+        names = [n for n in rows[0]["impls"] if n not in ("cudnn", "seed")]
+        for name in names:
+            pts = [(r["shape"][1], r["impls"][name][key] * 1e3) for r in rows if key in r["impls"].get(name, {})]
+            ax.plot(*zip(*pts), marker="o", label="ours (pallas)" if name == "pallas" else name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (batch = 65,536 / length), heads 16, dim 128, bf16")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{title}, {device}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

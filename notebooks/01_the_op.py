@@ -36,6 +36,7 @@
 import json
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -194,7 +195,11 @@ if not bench_path.exists():
     print(f"{bench_path} not found: run benchmarks/attention.py on a GPU")
 else:
     bench = json.loads(bench_path.read_text())
-    rows = bench["family_a"]
+    # Re-runs after a change (attention_bench_rerun.json) replace the rows they re-measured.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plot_attention import family_a_rows
+
+    rows, _ = family_a_rows(sorted((ROOT / "docs").glob("attention_bench*.json")))
     names = {"pallas": "ours (Pallas)", "xla": "ours (plain XLA)", "jla": "jax-linear-attention",
              "fla": "flash-linear-attention", "seed": "lightning-attn (authors)", "cudnn": "cuDNN softmax"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)

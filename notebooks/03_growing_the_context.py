@@ -36,6 +36,7 @@
 import json
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -313,7 +314,12 @@ if attention is None:
     print("no attention benchmark JSON (with family_a) under docs/: run benchmarks/attention.py on a GPU")
 else:
     print(f"attention: docs/{attention} ({found[attention].get('date', 'no date')}: {found[attention].get('command', '')})")
-    plot_attention(found[attention], attention)
+    # Re-runs after a change (attention_bench_rerun.json) replace the rows they re-measured.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plot_attention import family_a_rows
+
+    merged, _ = family_a_rows(sorted((ROOT / "docs").glob("attention_bench*.json")))
+    plot_attention({**found[attention], "family_a": merged}, attention)
 if not throughput:
     print("no training-throughput JSON under docs/ yet: run benchmarks/train_throughput.py on a GPU")
 for name in throughput:
