@@ -6,7 +6,6 @@ set -u
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/ncu}; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-
 for shape in "$@"; do
   "$NCU" --clock-control none --launch-count 40 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
