@@ -8,6 +8,9 @@ does not check (power-of-two values, supported primitives).
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +96,12 @@ def test_bfloat16():
     _compare(50, 32, 32, jnp.bfloat16, initial_state=True, config=SMALL, seed=3)
 
 
+def test_backward_in_separate_launches():
+    # fuse_backward=False runs dQ, dK and dV as three launches of the same kernel bodies.
+    config = dataclasses.replace(SMALL, fuse_backward=False)
+    _compare(41, 24, 40, jnp.float32, initial_state=True, config=config, seed=8)
+
+
 def test_default_config_single_chunk():
     # The default Config at a short length: one chunk, no chunk-state kernel, no scans.
     _compare(20, 16, 16, jnp.float32, initial_state=True, config=None, seed=4)
@@ -160,9 +169,10 @@ def _lower_for_cuda(shape_q, dim_v, dtype, config, initial_state=True):
 
 def _kernel_names(text):
     names = ("lightning_chunk_states", "lightning_chunk_scan", "lightning_chunk_scan_reverse",
-             "lightning_forward", "lightning_backward_dq", "lightning_backward_dk",
-             "lightning_backward_dv")
-    return {n for n in names if n in text}
+             "lightning_forward", "lightning_backward_y", "lightning_backward",
+             "lightning_backward_dq", "lightning_backward_dk", "lightning_backward_dv")
+    # Whole names: "lightning_backward" is a prefix of the per-kind launches' names.
+    return {n for n in names if re.search(rf"\b{n}\b", text)}
 
 
 @pytest.mark.parametrize(
@@ -178,11 +188,17 @@ def _kernel_names(text):
 def test_lowers_for_cuda(shape_q, dim_v, dtype):
     text = _lower_for_cuda(shape_q, dim_v, dtype, None)
     names = _kernel_names(text)
-    assert {"lightning_forward", "lightning_backward_dq", "lightning_backward_dk", "lightning_backward_dv"} <= names
+    assert {"lightning_forward", "lightning_backward"} <= names
+
+
+_MULTI_CHUNK = {"lightning_chunk_states", "lightning_chunk_scan", "lightning_chunk_scan_reverse",
+                "lightning_forward", "lightning_backward_y"}
 
 
 def test_lowers_for_cuda_all_kernels_small_config():
     names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.bfloat16, SMALL))
-    assert len(names) == 7, names
-    names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.float32, SMALL, initial_state=False))
-    assert len(names) == 7, names
+    assert names == _MULTI_CHUNK | {"lightning_backward"}, names
+    unfused = dataclasses.replace(SMALL, fuse_backward=False)
+    names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.float32, unfused, initial_state=False))
+    per_kind = {"lightning_backward_dq", "lightning_backward_dk", "lightning_backward_dv"}
+    assert names == _MULTI_CHUNK | per_kind, names

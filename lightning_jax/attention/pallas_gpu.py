@@ -9,10 +9,11 @@ time 65,536 gives hundreds of programs:
             2. `_scan_kernel`         R^(j+1) = lambda^(E_j) R^(j) + U_j, a short scan over chunks
             3. `_forward_kernel`      per chunk, from R^(j): blocks of C tokens in order,
                                       O_i = ((Q_i K_i^T) * D) V_i + (diag(lambda^a) Q_i) R_i
-  backward  1. `_dq_kernel`           per chunk, forward sweep from the saved R^(j): dQ, and
-                                      Y_j = sum_a lambda^a q_a^T dO_a (chunk j alone)       (if N > 1)
+  backward  1. `_chunk_state_kernel`  Y_j = sum_a lambda^a q_a^T dO_a, chunk j alone           (if N > 1)
             2. `_scan_kernel`         reversed: G^(j-1) = lambda^(E_j) G^(j) + Y_j, G^(N-1) = dL/dS_final
-            3. `_dk_kernel`, `_dv_kernel`  per chunk, reverse sweeps from G^(j): dK; dV and dL/dR^(0)
+            3. `_backward_kernel`     per chunk, one launch of three program kinds side by side:
+                                      dQ by a forward sweep from R^(j) (saved by the forward);
+                                      dK, and dV with dL/dR^(0), by reverse sweeps from G^(j)
 
 E is the clipped end exponent: block g (global start gC) decays the state by lambda^E_g with
 E_g = clip(time - 1 - gC, 0, C), i.e. C for full blocks, m - 1 for the ragged last block (m its real
@@ -65,6 +66,8 @@ class Config:
     bwd_tile: int = 64
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
+    # dQ, dK and dV programs in one launch (they share a chunk's inputs in L2), else three launches.
+    fuse_backward: bool = True
     # Wide rows (a padded dim x itemsize >= 512 bytes: bf16 dim 256, fp32 dim 128) overflow the
     # 227 KiB of shared memory with the tiles above: their own tile width and 8 warps. Blocks halve
     # for rows of 1 KiB (fp32 dim 256), and the backward's for every fp32 wide row (its operands
@@ -138,10 +141,6 @@ class _Plan:
 
     def tile_of(self, dim: str) -> int:
         return min(self.tile, self.dk_pad if dim == "k" else self.dv_pad)
-
-    def grid(self, split: str) -> tuple[int, int, int]:
-        # Tiles fastest: programs sharing a chunk's unsplit operands run together and share L2.
-        return (self.num_tiles(split), self.num_chunks, self.batch * self.heads)
 
     def compiler_params(self):
         return plt.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -225,22 +224,24 @@ def _scaled(x, factors, dtype):
 
 
 class _Tile:
-    """Masked loads and stores of [C, width] tiles of a [chunk, width] block ref.
+    """Masked loads and stores of one program's tiles: [C, width] slices of [chunk, dim] token blocks
+    and its part of [dk_pad, dv_pad] state blocks.
 
-    `split` names the dim ("k" or "v") whose columns are tiled over program_id(0); the other dim is
-    loaded whole. Rows past `time` (the ragged tail) and columns past the real dim read as zero and
-    are never written. Masks are only built where the shape needs them, so full tiles load unmasked.
+    `split` names the dim ("k" or "v") whose columns are tiled; the program owns tile `index` of it
+    and sees the other dim whole. Every BlockSpec covers the whole (padded) width, so one kernel can
+    host programs split along different dims (the fused backward). Rows past `time` (the ragged tail)
+    and columns past the real dim read as zero and are never written. Masks are only built where the
+    shape needs them, so full tiles load unmasked.
     """
 
-    def __init__(self, plan: _Plan, chunk_index, split: str):
-        self.plan = plan
+    def __init__(self, plan: _Plan, chunk_index, split: str, index):
+        self.plan, self.split = plan, split
         self.chunk_start = chunk_index * plan.chunk
         self.ragged = plan.time % plan.chunk != 0
         self.width = {"k": plan.dk_pad, "v": plan.dv_pad}
         self.col0 = {"k": 0, "v": 0}
         self.width[split] = plan.tile_of(split)
-        # Read outside the block loops: interpret mode cannot see program_id inside a loop body.
-        self.col0[split] = pl.program_id(0) * self.width[split]
+        self.col0[split] = index * self.width[split]
 
     def _mask(self, t0, dim: str):
         plan = self.plan
@@ -256,21 +257,38 @@ class _Tile:
             mask = jnp.broadcast_to(mask, (plan.block, width))
         return mask
 
+    def _view(self, ref, t0, dim: str):
+        return ref.at[pl.ds(t0, self.plan.block), pl.ds(self.col0[dim], self.width[dim])]
+
     def load(self, ref, t0, dim: str):
         mask = self._mask(t0, dim)
-        view = ref.at[pl.ds(t0, self.plan.block), :]
+        view = self._view(ref, t0, dim)
         if mask is None:
             return view[...]
         return plt.load(view, mask=mask, other=0.0)
 
     def store(self, ref, t0, value, dim: str):
         mask = self._mask(t0, dim)
-        view = ref.at[pl.ds(t0, self.plan.block), :]
+        view = self._view(ref, t0, dim)
         value = value.astype(ref.dtype)
         if mask is None:
             view[...] = value
         else:
             plt.store(view, value, mask=mask)
+
+    def _state_view(self, ref):
+        rows, cols = pl.ds(self.col0["k"], self.width["k"]), pl.ds(self.col0["v"], self.width["v"])
+        return ref.at[rows, cols]
+
+    def load_state(self, ref):
+        """This program's part of a [dk_pad, dv_pad] state: rows (split "k") or columns ("v")."""
+        return self._state_view(ref)[...].astype(_F32)
+
+    def store_state(self, ref, value):
+        self._state_view(ref)[...] = value
+
+    def zero_state(self):
+        return jnp.zeros((self.width["k"], self.width["v"]), _F32)
 
 
 def _end_exponent(plan: _Plan, start, length: int):
@@ -314,29 +332,34 @@ def _load_q(tile: _Tile, q_ref, t0, dim: str = "k"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward kernels (value dim split: programs own columns of the state).
+# Kernel bodies. Each runs one program: chunk j (program_id 1) of one batch x head (program_id 2),
+# tile `index` of its split dim. Kernels read program ids at their top level only: interpret mode
+# cannot see them inside loop bodies or conditionals.
 
 
-def _chunk_state_kernel(rates_ref, k_ref, v_ref, u_ref, *, plan: _Plan):
-    """U_j = sum_a k_a^T lambda^(E_j - a) v_a over chunk j: the chunk's own contribution to the state
-    after it. Decays are taken from the chunk's end directly, so no per-block rescaling is needed."""
+def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: _Plan, from_start: bool):
+    """Value dim split. One chunk's own contribution to a state, from zero:
+
+    forward  (a, b) = (k, v):  U_j = sum_t k_t^T lambda^(E_j - t) v_t, decays to the chunk's end;
+    backward (a, b) = (q, dO): Y_j = sum_t (scale q_t)^T lambda^t dO_t, decays from its start (the
+                               chunk's own term of dL/dR^(j), for the reverse scan).
+    """
     rate = _rate(rates_ref, plan)
     j = pl.program_id(1)
-    tile = _Tile(plan, j, "v")
+    tile = _Tile(plan, j, "v", pl.program_id(0))
     end = _end_exponent(plan, j * plan.chunk, plan.chunk)
-    a = jnp.arange(plan.block).astype(_F32)
-    dt = k_ref.dtype
+    rows = jnp.arange(plan.block).astype(_F32)
+    dt = a_ref.dtype
 
     def body(i, u):
         t0 = i * plan.block
-        k = tile.load(k_ref, t0, "k")
-        v = tile.load(v_ref, t0, "v")
-        # Padded rows have v = 0; the max keeps their (unused) factor finite.
-        v_decay = jnp.exp(-rate * jnp.maximum(end - (t0 + a), 0.0))
-        return u + _dot(k, _scaled(v, v_decay, dt), plan, trans_a=True)
+        a = _load_q(tile, a_ref, t0) if from_start else tile.load(a_ref, t0, "k")
+        b = tile.load(b_ref, t0, "v")
+        # Padded rows have b = 0; the max keeps their (unused) factor finite.
+        delta = t0 + rows if from_start else jnp.maximum(end - (t0 + rows), 0.0)
+        return u + _dot(a, _scaled(b, jnp.exp(-rate * delta), dt), plan, trans_a=True)
 
-    u = jnp.zeros((plan.dk_pad, tile.width["v"]), _F32)
-    u_ref[...] = lax.fori_loop(0, plan.blocks_per_chunk, body, u)
+    tile.store_state(out_ref, lax.fori_loop(0, plan.blocks_per_chunk, body, tile.zero_state()))
 
 
 def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: bool):
@@ -363,13 +386,14 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: b
 
 
 def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: bool):
-    """Outputs of chunk j from its incoming state R^(j); the last chunk also writes the final state."""
+    """Value dim split. Outputs of chunk j from its incoming state R^(j); the last chunk also writes
+    the final state."""
     if has_r0:
         r0_ref, o_ref, final_ref = rest
     else:
         o_ref, final_ref = rest
     j = pl.program_id(1)
-    tile = _Tile(plan, j, "v")
+    tile = _Tile(plan, j, "v", pl.program_id(0))
     decays = _Decays(_rate(rates_ref, plan), plan, j)
     dt = q_ref.dtype
 
@@ -386,32 +410,26 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
         state_decay, row_decay = decays.block(t0)
         return state_decay * r + _dot(k, _scaled(v, row_decay, dt), plan, trans_a=True)
 
-    r = r0_ref[...] if has_r0 else jnp.zeros((plan.dk_pad, tile.width["v"]), _F32)
+    r = tile.load_state(r0_ref) if has_r0 else tile.zero_state()
     r = lax.fori_loop(0, plan.blocks_per_chunk, body, r)
 
     @pl.when(j == plan.num_chunks - 1)
     def _():
-        final_ref[...] = r
+        tile.store_state(final_ref, r)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backward kernels.
+# The backward's three program kinds and the dim each splits. dQ and dK are tiled along the key dim
+# (rows of R and of G), dV along the value dim (columns of G).
+_SPLIT = {"dq": "k", "dk": "k", "dv": "v"}
 
 
-def _dq_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan, has_r0: bool, with_y: bool):
-    """Key dim split. dQ_i = P_i K_i + diag(lambda^a) dO_i R_i^T with P_i = (dO_i V_i^T) * D, sweeping
-    forward from R^(j); also Y_j = sum_a lambda^a q_a^T dO_a, chunk j's own term of dL/dR^(j)."""
-    rest = list(rest)
-    r0_ref = rest.pop(0) if has_r0 else None
-    dq_ref = rest.pop(0)
-    y_ref = rest.pop(0) if with_y else None
-    j = pl.program_id(1)
-    tile = _Tile(plan, j, "k")
-    decays = _Decays(_rate(rates_ref, plan), plan, j)
-    dt = q_ref.dtype
+def _dq_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, k_ref, v_ref, do_ref, r_ref, dq_ref):
+    """dQ_i = P_i K_i + diag(lambda^a) dO_i R_i^T with P_i = (dO_i V_i^T) * D: a forward sweep over
+    chunk j's blocks from rows of R^(j)."""
+    del q_ref
+    dt = k_ref.dtype
 
-    def body(i, carry):
-        r, y = carry  # rows of R and Y: [key tile, dv_pad]
+    def body(i, r):
         t0 = i * plan.block
         k = tile.load(k_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
@@ -421,25 +439,15 @@ def _dq_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan, has_r
         dq = dq + _dot(p.astype(dt), k, plan)
         tile.store(dq_ref, t0, dq * plan.scale, "k")
         state_decay, row_decay = decays.block(t0)
-        r = state_decay * r + _dot(k, _scaled(v, row_decay, dt), plan, trans_a=True)
-        if with_y:  # decays from the chunk's start, not the block's
-            q = _load_q(tile, q_ref, t0)
-            y = y + _dot(_scaled(q, decays.from_chunk_start(t0), dt), do, plan, trans_a=True)
-        return r, y
+        return state_decay * r + _dot(k, _scaled(v, row_decay, dt), plan, trans_a=True)
 
-    shape = (tile.width["k"], plan.dv_pad)
-    r = r0_ref[...] if has_r0 else jnp.zeros(shape, _F32)
-    _, y = lax.fori_loop(0, plan.blocks_per_chunk, body, (r, jnp.zeros(shape, _F32)))
-    if with_y:
-        y_ref[...] = y
+    r = tile.zero_state() if r_ref is None else tile.load_state(r_ref)
+    lax.fori_loop(0, plan.blocks_per_chunk, body, r)
 
 
-def _dk_kernel(rates_ref, q_ref, v_ref, do_ref, g_ref, dk_ref, *, plan: _Plan):
-    """Key dim split. Reverse sweep over chunk j's blocks from rows of G = dL/dR^(j+1):
+def _dk_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, v_ref, do_ref, g_ref, dk_ref):
+    """Reverse sweep over chunk j's blocks from rows of G = dL/dR^(j+1):
     dK_i = P_i^T Q_i + diag(lambda^(E - a)) V_i G^T,  G <- lambda^E G + (diag(lambda^a) Q_i)^T dO_i."""
-    j = pl.program_id(1)
-    tile = _Tile(plan, j, "k")
-    decays = _Decays(_rate(rates_ref, plan), plan, j)
     dt = q_ref.dtype
 
     def body(i, g):
@@ -454,16 +462,13 @@ def _dk_kernel(rates_ref, q_ref, v_ref, do_ref, g_ref, dk_ref, *, plan: _Plan):
         tile.store(dk_ref, t0, dk, "k")
         return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
 
-    lax.fori_loop(0, plan.blocks_per_chunk, body, g_ref[...])
+    lax.fori_loop(0, plan.blocks_per_chunk, body, tile.load_state(g_ref))
 
 
-def _dv_kernel(rates_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, dr0_ref, *, plan: _Plan):
-    """Value dim split. Reverse sweep over chunk j's blocks from columns of G = dL/dR^(j+1):
-    dV_i = A_i^T dO_i + diag(lambda^(E - a)) K_i G,  A_i = (Q_i K_i^T) * D;  chunk 0 ends with
-    dL/dR^(0)."""
-    j = pl.program_id(1)
-    tile = _Tile(plan, j, "v")
-    decays = _Decays(_rate(rates_ref, plan), plan, j)
+def _dv_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, k_ref, do_ref, g_ref, dv_ref):
+    """Reverse sweep over chunk j's blocks from columns of G = dL/dR^(j+1):
+    dV_i = A_i^T dO_i + diag(lambda^(E - a)) K_i G,  A_i = (Q_i K_i^T) * D.  Returns G at the chunk's
+    start: dL/dR^(0) for chunk 0."""
     dt = q_ref.dtype
 
     def body(i, g):
@@ -478,11 +483,46 @@ def _dv_kernel(rates_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, dr0_ref, *, plan:
         tile.store(dv_ref, t0, dv, "v")
         return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
 
-    g = lax.fori_loop(0, plan.blocks_per_chunk, body, g_ref[...])
+    return lax.fori_loop(0, plan.blocks_per_chunk, body, tile.load_state(g_ref))
 
-    @pl.when(j == 0)
-    def _():
-        dr0_ref[...] = g
+
+def _backward_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan, kinds, has_r0: bool):
+    """Programs of the given kinds side by side: program_id 0 runs over the tiles of each kind in
+    turn (e.g. dQ key tiles, then dK key tiles, then dV value tiles), so the programs of one chunk
+    run together and share its q, k, v, dO in L2. Registers are those of the hungriest kind, not
+    their sum: the kinds are branches of one kernel, never live at once.
+
+    Refs after do: R^(j) (if has_r0 and dq runs), G^(j) (if dk or dv runs), one output per kind,
+    then dL/dR^(0) (if dv runs)."""
+    rest = list(rest)
+    r_ref = rest.pop(0) if has_r0 and "dq" in kinds else None
+    g_ref = rest.pop(0) if {"dk", "dv"} & set(kinds) else None
+    out = {kind: rest.pop(0) for kind in kinds}
+    dr0_ref = rest.pop(0) if "dv" in kinds else None
+    t, j = pl.program_id(0), pl.program_id(1)
+    decays = _Decays(_rate(rates_ref, plan), plan, j)
+
+    def run(kind, index):
+        tile = _Tile(plan, j, _SPLIT[kind], index)
+        if kind == "dq":
+            _dq_program(plan, tile, decays, q_ref, k_ref, v_ref, do_ref, r_ref, out["dq"])
+        elif kind == "dk":
+            _dk_program(plan, tile, decays, q_ref, v_ref, do_ref, g_ref, out["dk"])
+        else:
+            g = _dv_program(plan, tile, decays, q_ref, k_ref, do_ref, g_ref, out["dv"])
+
+            @pl.when(j == 0)
+            def _():
+                tile.store_state(dr0_ref, g)
+
+    offset = 0
+    for kind in kinds:
+        n = plan.num_tiles(_SPLIT[kind])
+        if len(kinds) == 1:
+            run(kind, t)
+        else:
+            pl.when((t >= offset) & (t < offset + n))(functools.partial(run, kind, t - offset))
+        offset += n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,44 +530,31 @@ def _dv_kernel(rates_ref, q_ref, k_ref, do_ref, g_ref, dv_ref, dr0_ref, *, plan:
 # so blocks wider than the real dim (padding) cost nothing: loads past it are masked.
 
 
-def _token_spec(plan: _Plan, dim: str, split: str):
-    """[batch, time, heads, dim] tokens of chunk j: a column tile if `dim` is the split dim."""
+def _token_spec(plan: _Plan, dim: str):
+    """[batch, time, heads, dim] tokens of chunk j, the whole (padded) width."""
     heads = plan.heads
-    if dim == split:
-        return pl.BlockSpec(
-            (None, plan.chunk, None, plan.tile_of(dim)),
-            lambda t, j, bh: (bh // heads, j, bh % heads, t),
-        )
     width = plan.dk_pad if dim == "k" else plan.dv_pad
     return pl.BlockSpec((None, plan.chunk, None, width), lambda t, j, bh: (bh // heads, j, bh % heads, 0))
 
 
-def _state_block(plan: _Plan, split: str):
-    """The part of a dk_pad x dv_pad state one program owns: rows (split "k") or columns ("v")."""
-    if split == "k":
-        return (plan.tile_of("k"), plan.dv_pad), lambda t: (t, 0)
-    return (plan.dk_pad, plan.tile_of("v")), lambda t: (0, t)
+def _state_spec(plan: _Plan):
+    """Per-chunk states [batch * heads, N, dk_pad, dv_pad]: chunk j's whole state."""
+    return pl.BlockSpec((None, None, plan.dk_pad, plan.dv_pad), lambda t, j, bh: (bh, j, 0, 0))
 
 
-def _state_spec(plan: _Plan, split: str):
-    """Per-chunk states [batch * heads, N, dk_pad, dv_pad]: chunk j, this program's part."""
-    block, index = _state_block(plan, split)
-    return pl.BlockSpec((None, None, *block), lambda t, j, bh: (bh, j, *index(t)))
-
-
-def _single_state_spec(plan: _Plan, split: str):
+def _single_state_spec(plan: _Plan):
     """One state per (batch, head): [batch * heads, dk_pad, dv_pad]."""
-    block, index = _state_block(plan, split)
-    return pl.BlockSpec((None, *block), lambda t, j, bh: (bh, *index(t)))
+    return pl.BlockSpec((None, plan.dk_pad, plan.dv_pad), lambda t, j, bh: (bh, 0, 0))
 
 
 _WHOLE = pl.BlockSpec()  # the whole array (the per-head rates)
 
 
-def _call(kernel, plan: _Plan, split: str, in_specs, out_specs, out_shape, name: str):
+def _call(kernel, plan: _Plan, tiles: int, in_specs, out_specs, out_shape, name: str):
+    # Tiles fastest: the programs of one chunk run together and share its operands in L2.
     return pl.pallas_call(
         kernel,
-        grid=plan.grid(split),
+        grid=(tiles, plan.num_chunks, plan.batch * plan.heads),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -542,17 +569,18 @@ def _states_shape(plan: _Plan, n: int | None):
     return jax.ShapeDtypeStruct((*lead, plan.dk_pad, plan.dv_pad), _F32)
 
 
-def _chunk_states(plan: _Plan, k, v, rates):
-    kernel = functools.partial(_chunk_state_kernel, plan=plan)
+def _chunk_states(plan: _Plan, a, b, rates, *, from_start: bool = False):
+    """U_j from (k, v), or Y_j from (q, dO) with from_start: [batch * heads, N, dk_pad, dv_pad]."""
+    kernel = functools.partial(_chunk_state_kernel, plan=plan, from_start=from_start)
     return _call(
         kernel,
         plan,
-        "v",
-        [_WHOLE, _token_spec(plan, "k", "v"), _token_spec(plan, "v", "v")],
-        _state_spec(plan, "v"),
+        plan.num_tiles("v"),
+        [_WHOLE, _token_spec(plan, "k"), _token_spec(plan, "v")],
+        _state_spec(plan),
         _states_shape(plan, plan.num_chunks),
-        "lightning_chunk_states",
-    )(rates, k, v)
+        "lightning_backward_y" if from_start else "lightning_chunk_states",
+    )(rates, a, b)
 
 
 def _scan(plan: _Plan, x, init, rates, *, reverse: bool):
@@ -607,62 +635,51 @@ def _forward(plan: _Plan, q, k, v, rates, s_in):
     r = _start_states(plan, k, v, rates, s_in)
     has_r0 = r is not None
     kernel = functools.partial(_forward_kernel, plan=plan, has_r0=has_r0)
-    tokens = [_token_spec(plan, dim, "v") for dim in "kkv"]
     o, final = _call(
         kernel,
         plan,
-        "v",
-        [_WHOLE, *tokens] + ([_state_spec(plan, "v")] if has_r0 else []),
-        [_token_spec(plan, "v", "v"), _single_state_spec(plan, "v")],
+        plan.num_tiles("v"),
+        [_WHOLE, *(_token_spec(plan, dim) for dim in "kkv")] + ([_state_spec(plan)] if has_r0 else []),
+        [_token_spec(plan, "v"), _single_state_spec(plan)],
         [jax.ShapeDtypeStruct(v.shape, q.dtype), _states_shape(plan, None)],
         "lightning_forward",
     )(rates, q, k, v, *([r] if has_r0 else []))
     return o, _unpad_state(plan, final), r
 
 
-def _backward(plan: _Plan, q, k, v, rates, r, d_o, d_final):
+def _backward_call(plan: _Plan, kinds, q, k, v, rates, r, d_o, g):
+    """One launch running `kinds` (a tuple of "dq", "dk", "dv"); returns their outputs by kind, and
+    dL/dR^(0) as "dr0" when dv runs."""
     has_r0 = r is not None
-    with_y = plan.num_chunks > 1
+    with_g = bool({"dk", "dv"} & set(kinds))
+    operands = [rates, q, k, v, d_o] + ([r] if has_r0 and "dq" in kinds else []) + ([g] if with_g else [])
+    in_specs = [_WHOLE, *(_token_spec(plan, dim) for dim in "kkvv")]
+    in_specs += [_state_spec(plan)] * (len(operands) - len(in_specs))
+    like = {"dq": q, "dk": k, "dv": v}
+    out_specs = [_token_spec(plan, _SPLIT[kind]) for kind in kinds]
+    out_shape = [jax.ShapeDtypeStruct(like[kind].shape, like[kind].dtype) for kind in kinds]
+    if "dv" in kinds:
+        out_specs.append(_single_state_spec(plan))
+        out_shape.append(_states_shape(plan, None))
+    kernel = functools.partial(_backward_kernel, plan=plan, kinds=kinds, has_r0=has_r0)
+    name = "lightning_backward" if len(kinds) > 1 else f"lightning_backward_{kinds[0]}"
+    tiles = sum(plan.num_tiles(_SPLIT[kind]) for kind in kinds)
+    outs = _call(kernel, plan, tiles, in_specs, out_specs, out_shape, name)(*operands)
+    return dict(zip([*kinds, "dr0"], outs))
 
-    kernel = functools.partial(_dq_kernel, plan=plan, has_r0=has_r0, with_y=with_y)
-    outs = _call(
-        kernel,
-        plan,
-        "k",
-        [_WHOLE, *(_token_spec(plan, dim, "k") for dim in "kkvv")]
-        + ([_state_spec(plan, "k")] if has_r0 else []),
-        [_token_spec(plan, "k", "k")] + ([_state_spec(plan, "k")] if with_y else []),
-        [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-        + ([_states_shape(plan, plan.num_chunks)] if with_y else []),
-        "lightning_backward_dq",
-    )(rates, q, k, v, d_o, *([r] if has_r0 else []))
-    dq = outs[0]
 
-    g_last = _pad_state(plan, d_final)
-    g = _scan(plan, outs[1], g_last, rates, reverse=True) if with_y else g_last[:, None]
-
-    dk = _call(
-        functools.partial(_dk_kernel, plan=plan),
-        plan,
-        "k",
-        [_WHOLE, *(_token_spec(plan, dim, "k") for dim in "kvv"), _state_spec(plan, "k")],
-        _token_spec(plan, "k", "k"),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        "lightning_backward_dk",
-    )(rates, q, v, d_o, g)
-
-    dv, dr0 = _call(
-        functools.partial(_dv_kernel, plan=plan),
-        plan,
-        "v",
-        [_WHOLE, *(_token_spec(plan, dim, "v") for dim in "kkv"), _state_spec(plan, "v")],
-        [_token_spec(plan, "v", "v"), _single_state_spec(plan, "v")],
-        [jax.ShapeDtypeStruct(v.shape, v.dtype), _states_shape(plan, None)],
-        "lightning_backward_dv",
-    )(rates, q, k, d_o, g)
+def _backward(plan: _Plan, q, k, v, rates, r, d_o, d_final):
+    g = _pad_state(plan, d_final)[:, None]  # G^(N-1) = dL/dS_final
+    if plan.num_chunks > 1:
+        y = _chunk_states(plan, q, d_o, rates, from_start=True)
+        g = _scan(plan, y, g[:, 0], rates, reverse=True)
+    groups = (("dq", "dk", "dv"),) if plan.config.fuse_backward else (("dq",), ("dk",), ("dv",))
+    grads = {}
+    for kinds in groups:
+        grads.update(_backward_call(plan, kinds, q, k, v, rates, r, d_o, g))
     first = jnp.tile(jnp.exp(-rates), plan.batch)[:, None, None]
-    d_s_in = _unpad_state(plan, first * dr0)
-    return dq, dk, dv, d_s_in
+    d_s_in = _unpad_state(plan, first * grads["dr0"])
+    return grads["dq"], grads["dk"], grads["dv"], d_s_in
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
