@@ -1,16 +1,20 @@
 """Tuning sweep for the Pallas kernels' Config on the GPU (one process, one table).
 
-    PYTHONPATH=$PWD python3 benchmarks/sweep_pallas.py --out $OUT/sweep.json
+    PYTHONPATH=$PWD python3 benchmarks/sweep_pallas.py --out $OUT/sweep.json \
+        [--configs default,unfused] [--shapes 64x1024x16x128,...] [--modules old=OLD_pallas_gpu.py]
 
 Times forward and forward+backward of `lightning_attention_pallas` for each Config in CONFIGS on a
 few bf16 shapes (family (a) ends at dim 128, and dim 256), then checks that the default Config
-compiles (Triton's shared-memory limit) for fp32, fp16 and bf16 at wide dims. The defaults in
+compiles (Triton's shared-memory limit) for fp32, fp16 and bf16 at wide dims. `--modules` adds the
+default Config of other copies of pallas_gpu.py (say, the last commit's, saved beside the tree),
+each under its name, for A/B comparisons within one run. The defaults in
 pallas_gpu.Config come from such sweeps; docs/kernel-notes.md tabulates the variants tried.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -27,8 +31,13 @@ from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 C = pallas_gpu.Config
 CONFIGS = {
     "default": C(),
+    "unfused": C(fuse_backward=False),
+    "scan256": C(scan_tile=256),
+    "fwd_s1": C(num_stages=1),
+    "bwd_s1": C(bwd_num_stages=1),
+    "chunk4096": C(chunk=4096),
+    "fwd_v128_w8": C(block_v=128, num_warps=8),
     "fwd_c128_w8": C(block=128, num_warps=8),
-    "fwd_c128_w8_s1": C(block=128, num_warps=8, num_stages=1),
     "fwd_c32": C(block=32),
     "bwd_c128_w8": C(bwd_block=128, bwd_num_warps=8),
 }
@@ -36,13 +45,13 @@ SHAPES = [(64, 1024, 16, 128), (1, 65536, 16, 128), (8, 2048, 32, 256)]
 COMPILE_CHECKS = [(jnp.float32, 128), (jnp.float32, 256), (jnp.float16, 192), (jnp.bfloat16, 256)]
 
 
-def run(shape, cfg, dtype=jnp.bfloat16, timing=True):
+def run(shape, cfg, dtype=jnp.bfloat16, timing=True, module=pallas_gpu):
     rates = jnp.asarray(alibi_slopes(shape[2]), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     sets = [tuple(jax.random.normal(keys[4 * s + i], shape, dtype) for i in range(4)) for s in range(2)]
 
     def f(q, k, v):
-        return pallas_gpu.lightning_attention_pallas(q, k, v, rates, None, config=cfg)[0]
+        return module.lightning_attention_pallas(q, k, v, rates, None, config=cfg)[0]
 
     fwd = jax.jit(lambda q, k, v, do: f(q, k, v))
 
@@ -57,22 +66,46 @@ def run(shape, cfg, dtype=jnp.bfloat16, timing=True):
     return dict(fwd_ms=1e3 * time_jax(fwd, sets), fb_ms=1e3 * time_jax(fb, sets))
 
 
+def load_module(name: str, path: str):
+    """A copy of pallas_gpu.py from a file (imported under its own name, beside the package)."""
+    spec = importlib.util.spec_from_file_location(f"pallas_gpu_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_shape(text: str):
+    return tuple(int(x) for x in text.split("x"))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="sweep.json")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="names from CONFIGS, comma separated")
+    p.add_argument("--shapes", default=None, help="BxTxHxD,... (default: SHAPES)")
+    p.add_argument("--modules", default=None, help="NAME=PATH,...: other pallas_gpu.py copies")
+    p.add_argument("--no-compile-checks", action="store_true")
     args = p.parse_args()
+    shapes = [parse_shape(x) for x in args.shapes.split(",")] if args.shapes else SHAPES
+    variants = {name: (CONFIGS[name], pallas_gpu) for name in args.configs.split(",")}
+    for item in args.modules.split(",") if args.modules else []:
+        name, path = item.split("=")
+        module = load_module(name, path)
+        variants = {name: (module.Config(), module), **variants}
     res = {}
-    for shape in SHAPES:
-        for name, cfg in CONFIGS.items():
+    for shape in shapes:
+        for name, (cfg, module) in variants.items():
             key = f"{shape} {name}"
             t0 = time.perf_counter()
             try:
-                res[key] = run(shape, cfg)
+                res[key] = run(shape, cfg, module=module)
             except Exception as e:
                 res[key] = dict(error=repr(e)[:200])
             print(key, res[key], f"{time.perf_counter() - t0:.1f}s", flush=True)
             json.dump(res, open(args.out, "w"), indent=1)
-    for dtype, dim in COMPILE_CHECKS:  # Triton's shared-memory limit, default Config
+    checks = [] if args.no_compile_checks else COMPILE_CHECKS
+    for dtype, dim in checks:  # Triton's shared-memory limit, default Config
         key = f"compile {jnp.dtype(dtype).name} dim{dim}"
         try:
             run((1, 1000, 2, dim), C(), dtype, timing=False)

@@ -297,21 +297,24 @@ def _end_exponent(plan: _Plan, start, length: int):
 
 
 class _Decays:
-    """The decays of one program's blocks, all exp(-rate * delta) with delta >= 0 (never overflow)."""
+    """The decays of one program's blocks, all exp(-rate * delta) with delta >= 0 (never overflow).
 
-    def __init__(self, rate, plan: _Plan, chunk_index):
+    `scale` (the q scale) is folded into the factors that multiply q in every product (`intra`,
+    `intra_t`, `from_start`), so q is never rescaled in registers; `block` stays unscaled.
+    """
+
+    def __init__(self, rate, plan: _Plan, chunk_index, scale: float = 1.0):
         self.rate, self.plan = rate, plan
         self.chunk_start = chunk_index * plan.chunk
         self.a = jnp.arange(plan.block).astype(_F32)
         lag = self.a[:, None] - self.a[None, :]
         # D[a, b] = lambda^(a - b) for a >= b, else 0. Mask the exponent, not the result:
         # exp(+large) above the diagonal would overflow.
-        self.intra = jnp.exp(jnp.where(lag >= 0, -rate * lag, -jnp.inf))
-        self.from_start = jnp.exp(-rate * self.a)  # lambda^a: the state reaching row a
-
-    def from_chunk_start(self, t0):
-        """lambda^(t0 + a): the chunk's incoming state reaching row a of the block at offset t0."""
-        return jnp.exp(-self.rate * (t0 + self.a))
+        self.intra = scale * jnp.exp(jnp.where(lag >= 0, -rate * lag, -jnp.inf))
+        # D^T, for products built transposed (K Q^T rather than (Q K^T)^T): no operand is transposed
+        # in registers.
+        self.intra_t = scale * jnp.exp(jnp.where(lag <= 0, rate * lag, -jnp.inf))
+        self.from_start = scale * jnp.exp(-rate * self.a)  # lambda^a: the state reaching row a
 
     def block(self, t0):
         """(lambda^E, lambda^(E - a)) for the block at chunk offset t0: the whole state's decay
@@ -322,13 +325,6 @@ class _Decays:
 
 def _rate(rates_ref, plan: _Plan):
     return rates_ref[pl.program_id(2) % plan.heads]
-
-
-def _load_q(tile: _Tile, q_ref, t0, dim: str = "k"):
-    q = tile.load(q_ref, t0, dim)
-    if tile.plan.scale != 1.0:
-        q = (q * tile.plan.scale).astype(q_ref.dtype)
-    return q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,15 +345,16 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: _Plan, from_s
     tile = _Tile(plan, j, "v", pl.program_id(0))
     end = _end_exponent(plan, j * plan.chunk, plan.chunk)
     rows = jnp.arange(plan.block).astype(_F32)
+    scale = plan.scale if from_start else 1.0  # q's scale rides on dO's factors
     dt = a_ref.dtype
 
     def body(i, u):
         t0 = i * plan.block
-        a = _load_q(tile, a_ref, t0) if from_start else tile.load(a_ref, t0, "k")
+        a = tile.load(a_ref, t0, "k")
         b = tile.load(b_ref, t0, "v")
         # Padded rows have b = 0; the max keeps their (unused) factor finite.
         delta = t0 + rows if from_start else jnp.maximum(end - (t0 + rows), 0.0)
-        return u + _dot(a, _scaled(b, jnp.exp(-rate * delta), dt), plan, trans_a=True)
+        return u + _dot(a, _scaled(b, scale * jnp.exp(-rate * delta), dt), plan, trans_a=True)
 
     tile.store_state(out_ref, lax.fori_loop(0, plan.blocks_per_chunk, body, tile.zero_state()))
 
@@ -394,12 +391,12 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
         o_ref, final_ref = rest
     j = pl.program_id(1)
     tile = _Tile(plan, j, "v", pl.program_id(0))
-    decays = _Decays(_rate(rates_ref, plan), plan, j)
+    decays = _Decays(_rate(rates_ref, plan), plan, j, plan.scale)
     dt = q_ref.dtype
 
     def body(i, r):
         t0 = i * plan.block
-        q = _load_q(tile, q_ref, t0)
+        q = tile.load(q_ref, t0, "k")
         k = tile.load(k_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
         scores = _dot(q, k, plan, trans_b=True) * decays.intra
@@ -452,15 +449,15 @@ def _dk_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, v_ref, do_re
 
     def body(i, g):
         t0 = (plan.blocks_per_chunk - 1 - i) * plan.block
-        q = _load_q(tile, q_ref, t0)
+        q = tile.load(q_ref, t0, "k")
         v = tile.load(v_ref, t0, "v")
         do = tile.load(do_ref, t0, "v")
-        p = _dot(do, v, plan, trans_b=True) * decays.intra
+        p_t = _dot(v, do, plan, trans_b=True) * decays.intra_t  # P^T = (V dO^T) * D^T
         state_decay, row_decay = decays.block(t0)
         dk = _dot(_scaled(v, row_decay, dt), g.astype(dt), plan, trans_b=True)
-        dk = dk + _dot(p.astype(dt), q, plan, trans_a=True)
+        dk = dk + _dot(p_t.astype(dt), q, plan)
         tile.store(dk_ref, t0, dk, "k")
-        return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
+        return state_decay * g + _dot(q, _scaled(do, decays.from_start, dt), plan, trans_a=True)
 
     lax.fori_loop(0, plan.blocks_per_chunk, body, tile.load_state(g_ref))
 
@@ -473,15 +470,15 @@ def _dv_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, k_ref, do_re
 
     def body(i, g):
         t0 = (plan.blocks_per_chunk - 1 - i) * plan.block
-        q = _load_q(tile, q_ref, t0)
+        q = tile.load(q_ref, t0, "k")
         k = tile.load(k_ref, t0, "k")
         do = tile.load(do_ref, t0, "v")
-        scores = _dot(q, k, plan, trans_b=True) * decays.intra
+        scores_t = _dot(k, q, plan, trans_b=True) * decays.intra_t  # A^T = (K Q^T) * D^T
         state_decay, row_decay = decays.block(t0)
         dv = _dot(_scaled(k, row_decay, dt), g.astype(dt), plan)
-        dv = dv + _dot(scores.astype(dt), do, plan, trans_a=True)
+        dv = dv + _dot(scores_t.astype(dt), do, plan)
         tile.store(dv_ref, t0, dv, "v")
-        return state_decay * g + _dot(_scaled(q, decays.from_start, dt), do, plan, trans_a=True)
+        return state_decay * g + _dot(q, _scaled(do, decays.from_start, dt), plan, trans_a=True)
 
     return lax.fori_loop(0, plan.blocks_per_chunk, body, tile.load_state(g_ref))
 
@@ -500,10 +497,12 @@ def _backward_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan,
     out = {kind: rest.pop(0) for kind in kinds}
     dr0_ref = rest.pop(0) if "dv" in kinds else None
     t, j = pl.program_id(0), pl.program_id(1)
-    decays = _Decays(_rate(rates_ref, plan), plan, j)
+    rate = _rate(rates_ref, plan)
 
     def run(kind, index):
         tile = _Tile(plan, j, _SPLIT[kind], index)
+        # dQ is scaled once at its store; dK and dV take q's scale in their q-side factors.
+        decays = _Decays(rate, plan, j, 1.0 if kind == "dq" else plan.scale)
         if kind == "dq":
             _dq_program(plan, tile, decays, q_ref, k_ref, v_ref, do_ref, r_ref, out["dq"])
         elif kind == "dk":
