@@ -144,11 +144,12 @@ def check_cases(which: str):
     return cases + [(t, d, jnp.float32) for t in (63, 65536) for d in (128, 256)]
 
 
-def section_check(results, which="full", first=0):
+def section_check(results, which="full", first=0, shard=(0, 1)):
     cases = check_cases(which)
     rows = []
+    index, count = shard
     for i, (t, d, dtype) in enumerate(cases):
-        if i < first:
+        if i < first or i % count != index:
             continue
         name = jnp.dtype(dtype).name
         try:
@@ -429,6 +430,8 @@ def main():
     parser.add_argument("--check-start", type=int, default=0,
                         help="first case of the check set to run (resume a run cut short)")
     parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long", "quick"))
+    parser.add_argument("--check-shard", default="0/1",
+                        help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
                         help="family_b subset, e.g. 8x2048x32x256,8x1024x8x64 (default: all)")
     args = parser.parse_args()
@@ -438,6 +441,11 @@ def main():
         unknown = [shape for shape in family_b if len(shape) != 4]
         if unknown:
             parser.error(f"--shapes: got {args.shapes!r}, expected BxTxHxD entries separated by commas")
+    try:
+        shard = tuple(int(n) for n in args.check_shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        parser.error(f"--check-shard: got {args.check_shard!r}, expected I/N with 0 <= I < N")
     sections = args.sections.split(",")
     results = dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), versions=versions())
     log(json.dumps(results["versions"]))
@@ -460,7 +468,7 @@ def main():
             section_family(results, "family_b", family_b, bw, not args.no_peers)
             save()
     if "check" in sections:
-        section_check(results, args.check_set, args.check_start)
+        section_check(results, args.check_set, args.check_start, shard)
     save()
     print_tables(results)
 
