@@ -423,10 +423,9 @@ def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: 
 _SPLIT = {"dq": "k", "dk": "k", "dv": "v"}
 
 
-def _dq_program(plan: _Plan, tile: _Tile, decays: "_Decays", q_ref, k_ref, v_ref, do_ref, r_ref, dq_ref):
+def _dq_program(plan: _Plan, tile: _Tile, decays: "_Decays", k_ref, v_ref, do_ref, r_ref, dq_ref):
     """dQ_i = P_i K_i + diag(lambda^a) dO_i R_i^T with P_i = (dO_i V_i^T) * D: a forward sweep over
     chunk j's blocks from rows of R^(j)."""
-    del q_ref
     dt = k_ref.dtype
 
     def body(i, r):
@@ -507,7 +506,7 @@ def _backward_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan,
         # dQ is scaled once at its store; dK and dV take q's scale in their q-side factors.
         decays = _Decays(rate, plan, j, 1.0 if kind == "dq" else plan.scale)
         if kind == "dq":
-            _dq_program(plan, tile, decays, q_ref, k_ref, v_ref, do_ref, r_ref, out["dq"])
+            _dq_program(plan, tile, decays, k_ref, v_ref, do_ref, r_ref, out["dq"])
         elif kind == "dk":
             _dk_program(plan, tile, decays, q_ref, v_ref, do_ref, g_ref, out["dk"])
         else:
