@@ -44,6 +44,14 @@ CONFIGS = {
     "fwd_c128_w8": C(block=128, num_warps=8),
     "fwd_c32": C(block=32),
     "bwd_c128_w8": C(bwd_block=128, bwd_num_warps=8),
+    # Chunk-state kernel (its own block, tile, warps and stages) and the scan over chunks.
+    "state_t64": C(state_tile=64),
+    "state_s4": C(state_num_stages=4),
+    "state_b32_s4": C(state_block=32, state_num_stages=4),
+    "state_b32_s6": C(state_block=32, state_num_stages=6),
+    "state_b128_s2": C(state_block=128, state_num_stages=2),
+    "scan_t1024": C(scan_tile=1024),
+    "scan_g8": C(scan_group=8),
 }
 SHAPES = [(64, 1024, 16, 128), (1, 65536, 16, 128), (8, 2048, 32, 256)]
 COMPILE_CHECKS = [(jnp.float32, 128), (jnp.float32, 256), (jnp.float16, 192), (jnp.bfloat16, 256)]

@@ -21,7 +21,8 @@ from lightning_jax.attention import lightning_attention, pallas_gpu, reference
 RATES = (0.0, 8.0, 0.3, 0.02)
 # Chunks of 32 tokens made of blocks of 16, column tiles of 16: every kernel and both scans run.
 SMALL = pallas_gpu.Config(
-    block=16, bwd_block=16, chunk=32, min_programs=10**6, block_v=16, bwd_tile=16, scan_tile=64
+    block=16, bwd_block=16, chunk=32, min_programs=10**6, block_v=16, bwd_tile=16, scan_tile=64,
+    state_block=32, state_tile=16,
 )
 
 
@@ -100,6 +101,34 @@ def test_backward_in_separate_launches():
     # fuse_backward=False runs dQ, dK and dV as three launches of the same kernel bodies.
     config = dataclasses.replace(SMALL, fuse_backward=False)
     _compare(41, 24, 40, jnp.float32, initial_state=True, config=config, seed=8)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunks, group", [(37, 16), (32, 8), (5, 16)])
+def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
+    # Whole steps of G chunks and the rows left over (37 = 2 x 16 + 5), whole steps only, rows left
+    # over only; a ragged last chunk; rate 0 among the heads.
+    config = dataclasses.replace(SMALL, scan_group=group)
+    time, heads, dk, dv = 32 * chunks - 5, len(RATES), 16, 8
+    plan = pallas_gpu._make_plan(
+        jnp.zeros((2, time, heads, dk)), jnp.zeros((2, time, heads, dv)),
+        scale=1.0, block_size=None, interpret=True, config=config,
+    )
+    n = plan.num_chunks
+    assert n == chunks
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2 * heads, n, dk, dv)).astype(np.float32)
+    init = rng.standard_normal((2 * heads, dk, dv)).astype(np.float32)
+    rates = np.tile(np.array(RATES), 2)
+    args = (jnp.asarray(x), jnp.asarray(init), jnp.asarray(RATES, jnp.float32))
+    got = np.asarray(pallas_gpu._scan(plan, *args, reverse=reverse))
+    decay = np.exp(-rates[:, None, None] * np.clip(time - 1 - 32 * np.arange(n), 0, 32)[None, :, None])
+    want = np.zeros((2 * heads, n, dk, dv))
+    want[:, n - 1 if reverse else 0] = init
+    for j in (range(n - 2, -1, -1) if reverse else range(1, n)):
+        src = j + 1 if reverse else j - 1
+        want[:, j] = decay[:, src, :, None] * want[:, src] + x[:, src]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_default_config_single_chunk():

@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 _F32 = jnp.float32
+_SMEM_BUDGET = 192 * 1024  # of the 227 KiB per block on Hopper, leaving room for Triton's scratch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,15 @@ class Config:
     block: int = 64  # C: tokens per intra-block quadratic (the tensor-core tile along time)
     chunk: int = 2048  # L: most tokens per program when a sequence needs several (see _make_plan)
     min_programs: int = 264  # 2 programs per SM on a 132-SM H100/H200 (registers allow 2)
-    scan_tile: int = 1024  # state elements per program of the scan over chunks
+    scan_tile: int = 512  # state elements per program of the scan over chunks
+    scan_group: int = 16  # G: chunks per step of the scan (their rows loaded together)
+    # Chunk-state kernel (narrow rows; wide rows use the forward's settings): it carries no decay
+    # from block to block (each row's factor runs to the chunk's end), so its block is free. It is
+    # a stream with little math: the whole value dim in one tile (k read once), a deeper pipeline.
+    state_block: int = 64
+    state_tile: int = 128
+    state_num_warps: int = 4
+    state_num_stages: int = 3
     # Forward kernels (chunk states, outputs): value tile width, warps, pipeline depth.
     block_v: int = 64
     num_warps: int = 4
@@ -150,6 +159,24 @@ class _Plan:
     @property
     def row_bytes(self) -> int:
         return max(self.dk_pad, self.dv_pad) * self.itemsize
+
+    def for_chunk_states(self) -> "_Plan":
+        """The chunk-state kernel's own tiling (narrow rows only), its block halved until the
+        pipelined operands fit in shared memory."""
+        cfg = self.config
+        if self.row_bytes >= 512:
+            return self
+        tile = min(cfg.state_tile, self.dv_pad)
+        block = min(cfg.state_block, self.chunk)
+
+        def smem(block):  # pipelined a and b blocks, and the scaled copy of b
+            return (cfg.state_num_stages * (self.dk_pad + tile) + tile) * block * self.itemsize
+
+        while block > 16 and smem(block) > _SMEM_BUDGET:
+            block //= 2
+        return dataclasses.replace(
+            self, block=block, tile=tile, num_warps=cfg.state_num_warps, num_stages=cfg.state_num_stages
+        )
 
     def for_backward(self) -> "_Plan":
         """The same chunks (R^(j) are shared with the forward) with the backward's tiling."""
@@ -361,27 +388,39 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: _Plan, from_s
     tile.store_state(out_ref, lax.fori_loop(0, plan.blocks_per_chunk, body, tile.zero_state()))
 
 
-def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: bool):
-    """The recurrence over chunks, on a flat tile of the state.
+def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: bool, group: int):
+    """The recurrence over chunks, on a flat tile of the state:
 
     forward:  out[0] = init,   out[j] = lambda^(E_(j-1)) out[j-1] + x[j-1]   (out[j] = R^(j))
     reverse:  out[N-1] = init, out[j] = lambda^(E_(j+1)) out[j+1] + x[j+1]   (out[j] = dL/dR^(j+1))
+
+    Both are "out[c] = carry; carry = lambda^(E_c) carry + x[c]" over c ascending (forward) or
+    descending (reverse). The chain is short work on long latency, so G chunks go per step with all
+    G rows loaded first: one memory round trip per G chunks, not per chunk. N is static: the rows
+    left over after the whole steps are a step of their own, unrolled in Python.
     """
     rate = rates_ref[pl.program_id(1) % plan.heads]
     n = plan.num_chunks
-    carry = init_ref[...].astype(_F32)
-    first = n - 1 if reverse else 0
-    out_ref[first, :] = carry
+    steps, rest = divmod(n, group)
 
-    def body(step, carry):
-        src = n - 1 - step if reverse else step  # the chunk folded in now
-        dst = src - 1 if reverse else src + 1
-        decay = jnp.exp(-rate * _end_exponent(plan, src * plan.chunk, plan.chunk))
-        carry = decay * carry + x_ref[src, :]
-        out_ref[dst, :] = carry
+    def run(c0, size: int, carry):  # chunks c0 .. c0 + size - 1, in the sweep's order
+        order = range(size - 1, -1, -1) if reverse else range(size)
+        xs = [x_ref[c0 + i, :] for i in order]
+        for i, x in zip(order, xs):
+            c = c0 + i
+            out_ref[c, :] = carry
+            carry = jnp.exp(-rate * _end_exponent(plan, c * plan.chunk, plan.chunk)) * carry + x
         return carry
 
-    lax.fori_loop(0, n - 1, body, carry)
+    def step(s, carry):
+        return run((steps - 1 - s if reverse else s) * group, group, carry)
+
+    carry = init_ref[...].astype(_F32)
+    if reverse and rest:  # the top rows first
+        carry = run(steps * group, rest, carry)
+    carry = lax.fori_loop(0, steps, step, carry)
+    if not reverse and rest:
+        run(steps * group, rest, carry)
 
 
 def _forward_kernel(rates_ref, q_ref, k_ref, v_ref, *rest, plan: _Plan, has_r0: bool):
@@ -572,6 +611,7 @@ def _states_shape(plan: _Plan, n: int | None):
 
 def _chunk_states(plan: _Plan, a, b, rates, *, from_start: bool = False):
     """U_j from (k, v), or Y_j from (q, dO) with from_start: [batch * heads, N, dk_pad, dv_pad]."""
+    plan = plan.for_chunk_states()
     kernel = functools.partial(_chunk_state_kernel, plan=plan, from_start=from_start)
     return _call(
         kernel,
@@ -589,7 +629,7 @@ def _scan(plan: _Plan, x, init, rates, *, reverse: bool):
     bh, n = x.shape[:2]
     flat = plan.dk_pad * plan.dv_pad
     tile = min(plan.config.scan_tile, flat)
-    kernel = functools.partial(_scan_kernel, plan=plan, reverse=reverse)
+    kernel = functools.partial(_scan_kernel, plan=plan, reverse=reverse, group=plan.config.scan_group)
     out = pl.pallas_call(
         kernel,
         grid=(flat // tile, bh),
