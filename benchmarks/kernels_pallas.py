@@ -5,7 +5,9 @@
 End-to-end sweeps (sweep_pallas.py) cannot tell a 10 us change in a 30 us kernel from noise; this
 times `_scan` (both directions, fp32 states) and `_chunk_states` (U from k, v) by themselves and
 checks each variant against the first of its kind. docs/kernel-notes.md (sessions 4-5) has the
-numbers behind the defaults of `Config.scan_*` and `Config.state_*`.
+numbers behind the defaults of `Config.scan_*` and `Config.state_*`. A kernel of under ~50 us costs
+about one jitted dispatch from Python, so its time here is the host's as much as the GPU's (the
+scans' did not repeat between runs): time those with Nsight Compute (benchmarks/ncu_pallas.sh).
 """
 
 from __future__ import annotations
