@@ -202,6 +202,38 @@ def test_xla_any_block_size_gives_the_same_answer(block_size):
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
+_NO_BIG_CONSTANTS = r"""
+import re, jax, jax.numpy as jnp, numpy as np
+import lightning_jax as lj
+rates = np.linspace(0.1, 2.0, 4).astype(np.float32)  # closed over: a compile-time constant
+f = lambda q, k, v: lj.lightning_attention(q, k, v, rates, implementation="xla")
+g = lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do)
+x = jax.ShapeDtypeStruct((1, 4096, 4, 16), jnp.float32)
+hlo = jax.jit(g).lower(x, x, x, x).compile().as_text()
+shapes = re.findall(r"= \w+\[([\d,]*)\]\S*\s+constant\(", hlo)
+print(max(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes))
+"""
+
+
+def test_xla_decay_factors_are_not_compile_time_constants():
+    """With constant rates the decay factors ([N, heads, C], [heads, C, C], ...) depend only on
+    constants; XLA must not fold them into literals (1M elements at 64K tokens, slow to compile).
+    XLA:CPU's aggressive folding (a subprocess: the flag is read once per process) folds
+    everything foldable, so any factor left foldable shows up as a big constant here."""
+    import os
+    import subprocess
+    import sys
+
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=xla_cpu_fold_all_constants"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", _NO_BIG_CONSTANTS], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    # 4096 tokens / 64 = 64 blocks: only O(blocks + heads) constants (the end exponents) may remain;
+    # a folded factor would have >= 4 * 64 * 64 = 16384 elements.
+    assert int(run.stdout.split()[-1]) <= 64
+
+
 def test_default_implementation_on_cpu_is_xla():
     assert jax.default_backend() == "cpu"
     assert lj.default_implementation() == "xla"

@@ -52,10 +52,17 @@ class _Decays:
     def __init__(self, rates, time: int, block: int):
         num_blocks = -(-time // block)
         last_len = time - (num_blocks - 1) * block
-        s = rates.astype(_F32)[:, None]  # [heads, 1]
         a = jnp.arange(block, dtype=_F32)
         # End exponent per block: C, except m - 1 for the last (so R_N is the true final state).
         end = jnp.full((num_blocks,), block, _F32).at[-1].set(last_len - 1)  # [N]
+        # Everything below depends only on the static shape and on `rates`, which are usually a
+        # compile-time constant (a schedule closed over by the caller), so a constant-folding pass
+        # may evaluate the factors ([N, heads, C] is 1M elements at 64K tokens, [heads, C, C], the
+        # scan's products of c_i) into literals in XLA's slow HLO evaluator. The barrier makes
+        # these inputs opaque: the factors are a few elementwise ops at run time, fused into their
+        # users. Math unchanged.
+        rates, a, end = lax.optimization_barrier((rates.astype(_F32), a, end))
+        s = rates[:, None]  # [heads, 1]
         lag = a[:, None] - a[None, :]
         self.num_blocks = num_blocks
         self.q = jnp.exp(-s * a)  # [heads, C]: lambda^a
@@ -63,7 +70,7 @@ class _Decays:
         k_lag = end[:, None, None] - a[None, None, :]  # [N, 1, C]
         self.k = jnp.exp(jnp.where(k_lag >= 0, -s[None] * k_lag, -jnp.inf))  # [N, heads, C]
         self.block = jnp.exp(-s[None, :, 0] * end[:, None])  # [N, heads]: c_i
-        self.first = jnp.exp(-rates.astype(_F32))  # [heads]: R_0 = lambda S_in
+        self.first = jnp.exp(-rates)  # [heads]: R_0 = lambda S_in
 
 
 def _to_blocks(x, block: int, num_blocks: int):
