@@ -131,6 +131,27 @@ def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("dim", [16, 48, 64, 100, 128, 192, 256])
+def test_chunk_state_tiling_fits(dtype, dim):
+    # The default Config's chunk-state tiling at every dim and dtype: its block divides the chunk
+    # and the pipelined operands fit the shared-memory budget (Triton fails to compile otherwise,
+    # which only a GPU would show); wide rows keep the forward's tiling.
+    for time in (3000, 65536):
+        x = jax.ShapeDtypeStruct((1, time, 16, dim), dtype)
+        plan = pallas_gpu._make_plan(
+            x, x, scale=1.0, block_size=None, interpret=True, config=pallas_gpu.Config()
+        )
+        states = plan.for_chunk_states()
+        assert plan.chunk % states.block == 0 and states.dv_pad % states.tile == 0
+        if plan.row_bytes >= 512:
+            assert states == plan
+            continue
+        stages = states.num_stages
+        smem = (stages * (states.dk_pad + states.tile) + states.tile) * states.block * states.itemsize
+        assert smem <= pallas_gpu._SMEM_BUDGET, (dtype, dim, states.block, smem)
+
+
 def test_default_config_single_chunk():
     # The default Config at a short length: one chunk, no chunk-state kernel, no scans.
     _compare(20, 16, 16, jnp.float32, initial_state=True, config=None, seed=4)
