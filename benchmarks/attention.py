@@ -105,8 +105,9 @@ def check_one(time_, dim, dtype, seed):
     s_in = jax.random.normal(keys[4], (1, heads, dim, dim), jnp.float32)
     d_final = jax.random.normal(keys[5], (1, heads, dim, dim), jnp.float32)
 
-    # rates go in as a traced argument: closed over, they make every decay matrix of the reference
-    # ([heads, 512, 512] per chunk) a compile-time constant that XLA:GPU folds for tens of seconds.
+    # rates go in as a traced argument: closed over, they would make every decay matrix of the
+    # reference ([heads, 512, 512] per chunk) a compile-time constant for XLA to fold (session 5's
+    # GPU check took 11-110 s per case, mostly compiling; not yet re-timed with this change).
     def ours(q, k, v, s_in, rates):
         return lightning_attention(
             q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"
