@@ -396,8 +396,9 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: b
 
     Both are "out[c] = carry; carry = lambda^(E_c) carry + x[c]" over c ascending (forward) or
     descending (reverse). The chain is short work on long latency, so G chunks go per step with all
-    G rows loaded first: one memory round trip per G chunks, not per chunk. N is static: the rows
-    left over after the whole steps are a step of their own, unrolled in Python.
+    G rows loaded first: one memory round trip per G chunks, not per chunk (end to end within noise
+    of the per-chunk loop so far; docs/kernel-notes.md). N is static: the rows left over after the
+    whole steps are a step of their own, unrolled in Python.
     """
     rate = rates_ref[pl.program_id(1) % plan.heads]
     n = plan.num_chunks
