@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, "benchmarks")
 from attention import time_jax  # noqa: E402
+from sweep_pallas import parse_shape  # noqa: E402
 
 from lightning_jax.attention import pallas_gpu  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
@@ -92,7 +93,7 @@ def main():
     parser.add_argument("--out", default="kernels_pallas.json")
     args = parser.parse_args()
     try:
-        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
         assert all(len(s) == 4 for s in shapes)
     except (ValueError, AssertionError):
         parser.error(f"--shapes: got {args.shapes!r}, expected BxTxHxD entries separated by commas")
