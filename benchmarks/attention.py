@@ -132,7 +132,24 @@ def check_one(time_, dim, dtype, seed):
     return errs, finite
 
 
+def parse_check_cases(text: str):
+    """'4096x64:float32,1x256:bfloat16' -> [(4096, 64, jnp.float32), (1, 256, jnp.bfloat16)]."""
+    cases = []
+    for item in filter(None, text.split(",")):
+        try:
+            size, dtype = item.split(":")
+            time_, dim = (int(n) for n in size.split("x"))
+            cases.append((time_, dim, jnp.dtype(dtype).type))
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"--check-set: got {item!r}, expected TIMExDIM:DTYPE such as 4096x64:float32"
+            ) from e
+    return cases
+
+
 def check_cases(which: str):
+    if ":" in which:  # an explicit list, see parse_check_cases
+        return parse_check_cases(which)
     if which == "full":
         cases = [(t, d, jnp.bfloat16) for t in CHECK_TIMES for d in CHECK_DIMS]
         return cases + [(t, d, jnp.float32) for t in (63, 4096, 65536) for d in (64, 128, 256)]
@@ -432,7 +449,8 @@ def main():
     parser.add_argument("--skip", default="", help="variants not to time, e.g. xla,cudnn")
     parser.add_argument("--check-start", type=int, default=0,
                         help="first case of the check set to run (resume a run cut short)")
-    parser.add_argument("--check-set", default="full", choices=("full", "wide", "fp32_long", "quick"))
+    parser.add_argument("--check-set", default="full",
+                        help="full, wide, fp32_long, quick, or cases such as 1x256:bfloat16,4096x64:float32")
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
@@ -449,6 +467,11 @@ def main():
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         parser.error(f"--check-shard: got {args.check_shard!r}, expected I/N with 0 <= I < N")
+    if args.check_set not in ("full", "wide", "fp32_long", "quick"):
+        try:
+            parse_check_cases(args.check_set)
+        except ValueError as e:
+            parser.error(str(e))
     sections = args.sections.split(",")
     results = dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), versions=versions())
     log(json.dumps(results["versions"]))

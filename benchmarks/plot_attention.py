@@ -39,7 +39,7 @@ def main():
             ax.plot(*zip(*pts), marker="o", label="ours (pallas)" if name == "pallas" else name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length (batch = 65,536 / length), heads 16, dim 128, bf16")
+        ax.set_xlabel("length (batch = 65,536 / length; heads 16, dim 128, bf16)")
         ax.set_ylabel("ms")
         ax.set_title(f"{title}, {device}")
         ax.legend()

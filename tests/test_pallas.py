@@ -104,10 +104,10 @@ def test_backward_in_separate_launches():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("chunks, group", [(37, 16), (32, 8), (5, 16)])
+@pytest.mark.parametrize("chunks, group", [(37, 16), (32, 8), (5, 16), (2, 16)])
 def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
-    # Whole steps of G chunks and the rows left over (37 = 2 x 16 + 5), whole steps only, rows left
-    # over only; a ragged last chunk; rate 0 among the heads.
+    # Whole steps of G chunks and the rows left over (36 rows = 2 x 16 + 4), whole steps only, rows
+    # left over only, a single row (two chunks); a ragged last chunk; rate 0 among the heads.
     config = dataclasses.replace(SMALL, scan_group=group)
     time, heads, dk, dv = 32 * chunks - 5, len(RATES), 16, 8
     plan = pallas_gpu._make_plan(
@@ -117,17 +117,23 @@ def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
     n = plan.num_chunks
     assert n == chunks
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((2 * heads, n, dk, dv)).astype(np.float32)
+    # N - 1 rows: U_0 .. U_(N-2) forward, Y_1 .. Y_(N-1) reverse (see _scan_kernel).
+    x = rng.standard_normal((2 * heads, n - 1, dk, dv)).astype(np.float32)
     init = rng.standard_normal((2 * heads, dk, dv)).astype(np.float32)
     rates = np.tile(np.array(RATES), 2)
     args = (jnp.asarray(x), jnp.asarray(init), jnp.asarray(RATES, jnp.float32))
     got = np.asarray(pallas_gpu._scan(plan, *args, reverse=reverse))
     decay = np.exp(-rates[:, None, None] * np.clip(time - 1 - 32 * np.arange(n), 0, 32)[None, :, None])
+    terms = np.zeros((2 * heads, n, dk, dv))  # chunk j's term at index j; the unused one stays 0
+    if reverse:
+        terms[:, 1:] = x
+    else:
+        terms[:, :-1] = x
     want = np.zeros((2 * heads, n, dk, dv))
     want[:, n - 1 if reverse else 0] = init
     for j in (range(n - 2, -1, -1) if reverse else range(1, n)):
         src = j + 1 if reverse else j - 1
-        want[:, j] = decay[:, src, :, None] * want[:, src] + x[:, src]
+        want[:, j] = decay[:, src, :, None] * want[:, src] + terms[:, src]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -150,6 +156,34 @@ def test_chunk_state_tiling_fits(dtype, dim):
         stages = states.num_stages
         smem = (stages * (states.dk_pad + states.tile) + states.tile) * states.block * states.itemsize
         assert smem <= pallas_gpu._SMEM_BUDGET, (dtype, dim, states.block, smem)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 65536, 16, 128), (4, 16384, 16, 128), (1, 8192, 96, 128), (8, 1024, 8, 64), (64, 1024, 16, 128),
+     (1, 100_000, 2, 32), (3, 5000, 5, 256), (1, 4096, 4, 128), (2, 63, 3, 48)],
+)
+def test_chunk_rule(shape):
+    # The default Config's chunks: the whole sequence when (value tiles, batch, heads) reach
+    # min_programs; else the longest power-of-two chunk up to config.chunk whose programs reach
+    # chunk_programs (floored at two blocks), so that a longer chunk would fall short of them.
+    cfg = pallas_gpu.Config()
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    plan = pallas_gpu._make_plan(x, x, scale=1.0, block_size=None, interpret=True, config=cfg)
+    batch, time, heads, _ = shape
+    per_chunk = plan.num_tiles("v") * batch * heads
+    whole = 1 << (time - 1).bit_length()
+    step = max(plan.block, plan.for_backward().block)
+    assert plan.chunk & (plan.chunk - 1) == 0 and plan.chunk % step == 0
+    if per_chunk >= cfg.min_programs:
+        assert plan.chunk >= time and plan.num_chunks == 1
+        return
+    assert plan.chunk <= max(cfg.chunk, 2 * step)
+    longer = 2 * plan.chunk
+    if plan.chunk < min(cfg.chunk, whole):  # it was shortened: a longer one has too few programs
+        assert per_chunk * -(-time // longer) < cfg.chunk_programs
+    if plan.chunk > 2 * step:
+        assert per_chunk * plan.num_chunks >= cfg.chunk_programs
 
 
 def test_default_config_single_chunk():

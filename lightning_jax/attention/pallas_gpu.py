@@ -5,11 +5,11 @@ for parallelism at every shape. Time is cut into chunks of L tokens (many blocks
 and every kernel runs one program per (column tile, chunk, batch x head), so even batch 1, heads 16,
 time 65,536 gives hundreds of programs:
 
-  forward   1. `_chunk_state_kernel`  U_j = sum_a k_a^T lambda^(E_j - a) v_a, chunk j alone  (if N > 1)
+  forward   1. `_chunk_state_kernel`  U_j = sum_a k_a^T lambda^(E_j - a) v_a, chunk j < N - 1 alone
             2. `_scan_kernel`         R^(j+1) = lambda^(E_j) R^(j) + U_j, a short scan over chunks
             3. `_forward_kernel`      per chunk, from R^(j): blocks of C tokens in order,
                                       O_i = ((Q_i K_i^T) * D) V_i + (diag(lambda^a) Q_i) R_i
-  backward  1. `_chunk_state_kernel`  Y_j = sum_a lambda^a q_a^T dO_a, chunk j alone           (if N > 1)
+  backward  1. `_chunk_state_kernel`  Y_j = sum_a lambda^a q_a^T dO_a, chunk j > 0 alone
             2. `_scan_kernel`         reversed: G^(j-1) = lambda^(E_j) G^(j) + Y_j, G^(N-1) = dL/dS_final
             3. `_backward_kernel`     per chunk, one launch of three program kinds side by side:
                                       dQ by a forward sweep from R^(j) (saved by the forward);
@@ -54,8 +54,12 @@ class Config:
     """Tuning knobs (static). Defaults from benchmarks/sweep_pallas.py on an H200, bf16."""
 
     block: int = 64  # C: tokens per intra-block quadratic (the tensor-core tile along time)
-    chunk: int = 2048  # L: most tokens per program when a sequence needs several (see _make_plan)
+    chunk: int = 8192  # L: most tokens per program when a sequence needs several (see _make_plan)
     min_programs: int = 264  # 2 programs per SM on a 132-SM H100/H200 (registers allow 2)
+    # Several chunks: the longest that still gives the forward this many programs (two waves of
+    # min_programs). Longer chunks re-read less of k, v (q, dO) for chunk states, an (N - 1) / N
+    # share, and scan fewer rows; below two waves the backward's three program kinds balance worse.
+    chunk_programs: int = 512
     scan_tile: int = 512  # state elements per program of the scan over chunks
     scan_group: int = 16  # G: chunks per step of the scan (their rows loaded together)
     # Chunk-state kernel (narrow rows; wide rows use the forward's settings): it carries no decay
@@ -209,12 +213,12 @@ def _make_plan(q, v, *, scale, block_size, interpret, config) -> _Plan:
     tile = min(config.wide_tile if wide else config.block_v, dv_pad)
     n_v = dv_pad // tile
     # One chunk per sequence when (value tiles, batch, heads) alone fill the GPU: no chunk-state
-    # pass, no scans. Else the longest chunk up to `config.chunk` that gives enough programs.
+    # pass, no scans. Else the longest chunk up to `config.chunk` that gives `chunk_programs`.
     # Chunks are multiples of both phases' blocks (all powers of two).
     step = max(block, _block_size(config.bwd_block, row_bytes, time))
     whole = step * pl.next_power_of_2(-(-time // step))
     chunk = max(step, config.chunk)
-    while chunk > 2 * step and n_v * batch * heads * -(-time // chunk) < config.min_programs:
+    while chunk > 2 * step and n_v * batch * heads * -(-time // chunk) < config.chunk_programs:
         chunk //= 2
     chunk = whole if n_v * batch * heads >= config.min_programs else min(chunk, whole)
     return _Plan(
@@ -368,9 +372,11 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: _Plan, from_s
     forward  (a, b) = (k, v):  U_j = sum_t k_t^T lambda^(E_j - t) v_t, decays to the chunk's end;
     backward (a, b) = (q, dO): Y_j = sum_t (scale q_t)^T lambda^t dO_t, decays from its start (the
                                chunk's own term of dL/dR^(j), for the reverse scan).
+
+    Program j computes chunk j forward (j < N - 1) and chunk j + 1 backward (j + 1 > 0).
     """
     rate = _rate(rates_ref, plan)
-    j = pl.program_id(1)
+    j = pl.program_id(1) + (1 if from_start else 0)
     tile = _Tile(plan, j, "v", pl.program_id(0))
     end = _end_exponent(plan, j * plan.chunk, plan.chunk)
     rows = jnp.arange(plan.block).astype(_F32)
@@ -389,34 +395,40 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: _Plan, from_s
 
 
 def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: _Plan, reverse: bool, group: int):
-    """The recurrence over chunks, on a flat tile of the state:
+    """The recurrence over chunks, on a flat tile of the state. x has N - 1 rows: the one chunk
+    term no state needs (U of the last chunk, Y of the first) is never computed.
 
-    forward:  out[0] = init,   out[j] = lambda^(E_(j-1)) out[j-1] + x[j-1]   (out[j] = R^(j))
-    reverse:  out[N-1] = init, out[j] = lambda^(E_(j+1)) out[j+1] + x[j+1]   (out[j] = dL/dR^(j+1))
+    forward:  x[c] = U_c (c < N - 1);  out[0] = init, out[c + 1] = lambda^(E_c) out[c] + x[c]
+              (out[j] = R^(j))
+    reverse:  x[c] = Y_(c + 1);        out[N - 1] = init, out[c] = lambda^(E_(c+1)) out[c + 1] + x[c]
+              (out[j] = dL/dR^(j+1))
 
-    Both are "out[c] = carry; carry = lambda^(E_c) carry + x[c]" over c ascending (forward) or
-    descending (reverse). The chain is short work on long latency, so G chunks go per step with all
-    G rows loaded first: one memory round trip per G chunks, not per chunk (end to end within noise
-    of the per-chunk loop so far; docs/kernel-notes.md). N is static: the rows left over after the
-    whole steps are a step of their own, unrolled in Python.
+    Both are "carry = lambda^E carry + x[c]; store carry" over c ascending (forward) or descending
+    (reverse). The chain is short work on long latency, so G rows go per step, all loaded first:
+    one memory round trip per G chunks, not per chunk (end to end within noise of the per-chunk loop
+    so far; docs/kernel-notes.md). N is static: the rows left over after the whole steps are a step
+    of their own, unrolled in Python.
     """
     rate = rates_ref[pl.program_id(1) % plan.heads]
-    n = plan.num_chunks
-    steps, rest = divmod(n, group)
+    rows = plan.num_chunks - 1
+    steps, rest = divmod(rows, group)
+    shift = 1 if reverse else 0  # row c holds chunk c + shift's term, and its decay
 
-    def run(c0, size: int, carry):  # chunks c0 .. c0 + size - 1, in the sweep's order
+    def run(c0, size: int, carry):  # rows c0 .. c0 + size - 1, in the sweep's order
         order = range(size - 1, -1, -1) if reverse else range(size)
         xs = [x_ref[c0 + i, :] for i in order]
         for i, x in zip(order, xs):
             c = c0 + i
-            out_ref[c, :] = carry
-            carry = jnp.exp(-rate * _end_exponent(plan, c * plan.chunk, plan.chunk)) * carry + x
+            decay = jnp.exp(-rate * _end_exponent(plan, (c + shift) * plan.chunk, plan.chunk))
+            carry = decay * carry + x
+            out_ref[c + 1 - shift, :] = carry
         return carry
 
     def step(s, carry):
         return run((steps - 1 - s if reverse else s) * group, group, carry)
 
     carry = init_ref[...].astype(_F32)
+    out_ref[rows if reverse else 0, :] = carry
     if reverse and rest:  # the top rows first
         carry = run(steps * group, rest, carry)
     carry = lax.fori_loop(0, steps, step, carry)
@@ -571,11 +583,13 @@ def _backward_kernel(rates_ref, q_ref, k_ref, v_ref, do_ref, *rest, plan: _Plan,
 # so blocks wider than the real dim (padding) cost nothing: loads past it are masked.
 
 
-def _token_spec(plan: _Plan, dim: str):
-    """[batch, time, heads, dim] tokens of chunk j, the whole (padded) width."""
+def _token_spec(plan: _Plan, dim: str, first_chunk: int = 0):
+    """[batch, time, heads, dim] tokens of chunk first_chunk + j, the whole (padded) width."""
     heads = plan.heads
     width = plan.dk_pad if dim == "k" else plan.dv_pad
-    return pl.BlockSpec((None, plan.chunk, None, width), lambda t, j, bh: (bh // heads, j, bh % heads, 0))
+    return pl.BlockSpec(
+        (None, plan.chunk, None, width), lambda t, j, bh: (bh // heads, first_chunk + j, bh % heads, 0)
+    )
 
 
 def _state_spec(plan: _Plan):
@@ -591,11 +605,11 @@ def _single_state_spec(plan: _Plan):
 _WHOLE = pl.BlockSpec()  # the whole array (the per-head rates)
 
 
-def _call(kernel, plan: _Plan, tiles: int, in_specs, out_specs, out_shape, name: str):
+def _call(kernel, plan: _Plan, tiles: int, in_specs, out_specs, out_shape, name: str, chunks=None):
     # Tiles fastest: the programs of one chunk run together and share its operands in L2.
     return pl.pallas_call(
         kernel,
-        grid=(tiles, plan.num_chunks, plan.batch * plan.heads),
+        grid=(tiles, plan.num_chunks if chunks is None else chunks, plan.batch * plan.heads),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -611,23 +625,28 @@ def _states_shape(plan: _Plan, n: int | None):
 
 
 def _chunk_states(plan: _Plan, a, b, rates, *, from_start: bool = False):
-    """U_j from (k, v), or Y_j from (q, dO) with from_start: [batch * heads, N, dk_pad, dv_pad]."""
+    """U_j (j < N - 1) from (k, v), or Y_j (j > 0) from (q, dO) with from_start:
+    [batch * heads, N - 1, dk_pad, dv_pad]. No state needs U of the last chunk or Y of the first, so
+    they are never computed (a 1 / N share of the pass)."""
     plan = plan.for_chunk_states()
+    first = 1 if from_start else 0
     kernel = functools.partial(_chunk_state_kernel, plan=plan, from_start=from_start)
     return _call(
         kernel,
         plan,
         plan.num_tiles("v"),
-        [_WHOLE, _token_spec(plan, "k"), _token_spec(plan, "v")],
+        [_WHOLE, _token_spec(plan, "k", first), _token_spec(plan, "v", first)],
         _state_spec(plan),
-        _states_shape(plan, plan.num_chunks),
+        _states_shape(plan, plan.num_chunks - 1),
         "lightning_backward_y" if from_start else "lightning_chunk_states",
+        chunks=plan.num_chunks - 1,
     )(rates, a, b)
 
 
 def _scan(plan: _Plan, x, init, rates, *, reverse: bool):
-    """x: [batch * heads, N, dk_pad, dv_pad]; init: [batch * heads, dk_pad, dv_pad]."""
-    bh, n = x.shape[:2]
+    """x: [batch * heads, N - 1, dk_pad, dv_pad] (see _scan_kernel); init: [batch * heads, dk_pad,
+    dv_pad]. Returns [batch * heads, N, dk_pad, dv_pad]."""
+    bh, n = x.shape[0], plan.num_chunks
     flat = plan.dk_pad * plan.dv_pad
     tile = min(plan.config.scan_tile, flat)
     kernel = functools.partial(_scan_kernel, plan=plan, reverse=reverse, group=plan.config.scan_group)
@@ -636,7 +655,7 @@ def _scan(plan: _Plan, x, init, rates, *, reverse: bool):
         grid=(flat // tile, bh),
         in_specs=[
             _WHOLE,
-            pl.BlockSpec((None, n, tile), lambda f, b: (b, 0, f)),
+            pl.BlockSpec((None, n - 1, tile), lambda f, b: (b, 0, f)),
             pl.BlockSpec((None, tile), lambda f, b: (b, f)),
         ],
         out_specs=pl.BlockSpec((None, n, tile), lambda f, b: (b, 0, f)),
@@ -644,8 +663,8 @@ def _scan(plan: _Plan, x, init, rates, *, reverse: bool):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=3),
         interpret=plan.interpret,
         name="lightning_chunk_scan_reverse" if reverse else "lightning_chunk_scan",
-    )(rates, x.reshape(bh, n, flat), init.reshape(bh, flat))
-    return out.reshape(x.shape)
+    )(rates, x.reshape(bh, n - 1, flat), init.reshape(bh, flat))
+    return out.reshape(bh, n, plan.dk_pad, plan.dv_pad)
 
 
 def _pad_state(plan: _Plan, state):
