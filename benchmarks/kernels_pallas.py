@@ -59,7 +59,7 @@ def time_kernels(shape):
         return {"note": "one chunk per sequence at this shape: no scan, no chunk-state pass"}
     state_shape = (batch * heads, plan.dk_pad, plan.dv_pad)
     xs = [
-        (jax.random.normal(keys[4 + s], (batch * heads, plan.num_chunks) + state_shape[1:]),
+        (jax.random.normal(keys[4 + s], (batch * heads, plan.num_chunks - 1) + state_shape[1:]),
          jax.random.normal(keys[6 + s], state_shape))
         for s in range(2)
     ]

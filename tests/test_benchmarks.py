@@ -36,3 +36,17 @@ def test_check_case_passes_on_cpu():
     assert set(errs) == {"o", "final_state", "dq", "dk", "dv", "d_initial_state"}
     assert max(errs.values()) <= bench.TOLERANCE["bfloat16"], errs
     assert min(errs.values()) > 0  # bf16 inputs against an fp32 reference: never exact
+
+
+def test_kernels_script_runs_on_cpu(monkeypatch):
+    # benchmarks/kernels_pallas.py end to end at a tiny shape with several chunks (interpret mode),
+    # each call run once instead of timed: its arrays must fit the kernels' current signatures.
+    import kernels_pallas
+
+    monkeypatch.setattr(kernels_pallas, "time_jax", lambda fn, sets: 0.0)
+    monkeypatch.setattr(kernels_pallas, "SCANS", dict(list(kernels_pallas.SCANS.items())[:2]))
+    monkeypatch.setattr(kernels_pallas, "STATES", dict(list(kernels_pallas.STATES.items())[:2]))
+    res = kernels_pallas.time_kernels((1, 512, 2, 16))
+    assert len(res) == 2 * 2 + 2, res
+    for row in res.values():
+        assert np.isfinite(row["rel_err"]) and row["rel_err"] < 1e-5, res
