@@ -106,8 +106,8 @@ def check_one(time_, dim, dtype, seed):
     d_final = jax.random.normal(keys[5], (1, heads, dim, dim), jnp.float32)
 
     # rates go in as a traced argument: closed over, they would make every decay matrix of the
-    # reference ([heads, 512, 512] per chunk) a compile-time constant for XLA to fold (session 5's
-    # GPU check took 11-110 s per case, mostly compiling; not yet re-timed with this change).
+    # reference ([heads, 512, 512] per chunk) a compile-time constant for XLA to fold. Cases still
+    # take 5-95 s each on the GPU (session 6), mostly compiling.
     def ours(q, k, v, s_in, rates):
         return lightning_attention(
             q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"
@@ -145,6 +145,9 @@ def parse_check_cases(text: str):
                 f"--check-set: got {item!r}, expected TIMExDIM:DTYPE such as 4096x64:float32"
             ) from e
     return cases
+
+
+CHECK_SETS = ("full", "wide", "fp32_long", "quick")  # the named case sets of check_cases
 
 
 def check_cases(which: str):
@@ -450,7 +453,7 @@ def main():
     parser.add_argument("--check-start", type=int, default=0,
                         help="first case of the check set to run (resume a run cut short)")
     parser.add_argument("--check-set", default="full",
-                        help="full, wide, fp32_long, quick, or cases such as 1x256:bfloat16,4096x64:float32")
+                        help=", ".join(CHECK_SETS) + ", or cases such as 1x256:bfloat16,4096x64:float32")
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
@@ -467,7 +470,7 @@ def main():
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         parser.error(f"--check-shard: got {args.check_shard!r}, expected I/N with 0 <= I < N")
-    if args.check_set not in ("full", "wide", "fp32_long", "quick"):
+    if args.check_set not in CHECK_SETS:
         try:
             parse_check_cases(args.check_set)
         except ValueError as e:
