@@ -2,6 +2,9 @@
 
 from lightning_jax.attention import (
     IMPLEMENTATIONS,
+    SCHEDULES,
+    TritonConfig,
+    XlaConfig,
     alibi_slopes,
     decode_step,
     default_implementation,
@@ -24,6 +27,9 @@ def __getattr__(name):
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "SCHEDULES",
+    "TritonConfig",
+    "XlaConfig",
     "alibi_slopes",
     "decode_step",
     "default_implementation",

@@ -1,6 +1,6 @@
 """The Pallas (Triton) kernels on CPU: interpret mode against the quadratic oracle, and CUDA lowering.
 
-Interpret mode runs the very kernel bodies (slow: shapes stay small). Small `Config`s force the
+Interpret mode runs the very kernel bodies (slow: shapes stay small). Small `TritonConfig`s force the
 multi-chunk path (chunk-state kernel, scans over chunks) and several column tiles per kernel (key
 tiles for dQ/dK, value tiles for o/dV) at these sizes. Cross-lowering for an abstract H100 runs the Pallas-to-Triton lowering, which interpret mode
 does not check (power-of-two values, supported primitives).
@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightning_jax.attention import lightning_attention, pallas_gpu, reference
+from lightning_jax.attention import TritonConfig, XlaConfig, lightning_attention, recurrent, reference
+from lightning_jax.attention.pallas_triton import config as triton_config, lightning_attention_triton, plan_for, states
 
 RATES = (0.0, 8.0, 0.3, 0.02)
 # Chunks of 32 tokens made of blocks of 16, column tiles of 16: every kernel and both scans run.
-SMALL = pallas_gpu.Config(
+SMALL = TritonConfig(
     block=16, bwd_block=16, chunk=32, min_programs=10**6, block_v=16, bwd_tile=16, scan_tile=64,
     state_block=32, state_tile=16,
 )
@@ -56,13 +57,12 @@ def _compare(time, dim_k, dim_v, dtype, *, initial_state, config, scale=1.0, see
     s_in = s_in if initial_state else None
 
     def ours(q, k, v, s=None):
-        return pallas_gpu.lightning_attention_pallas(q, k, v, rates, s, scale=scale, config=config)
+        return lightning_attention_triton(q, k, v, rates, s, scale=scale, config=config, interpret=True)
 
     def ref(q, k, v, s=None):
         return reference.quadratic(q, k, v, rates, s, scale=scale)
 
-    with pallas_gpu.force_interpret(True):
-        got = jax.jit(lambda *a: _outputs_and_grads(ours, *a))(q, k, v, s_in, d_o, d_final)
+    got = jax.jit(lambda *a: _outputs_and_grads(ours, *a))(q, k, v, s_in, d_o, d_final)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     want = _outputs_and_grads(ref, *up, s_in, d_o.astype(jnp.float32), d_final)
     assert got[0].dtype == q.dtype and got[1].dtype == jnp.float32
@@ -110,10 +110,7 @@ def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
     # left over only, a single row (two chunks); a ragged last chunk; rate 0 among the heads.
     config = dataclasses.replace(SMALL, scan_group=group)
     time, heads, dk, dv = 32 * chunks - 5, len(RATES), 16, 8
-    plan = pallas_gpu._make_plan(
-        jnp.zeros((2, time, heads, dk)), jnp.zeros((2, time, heads, dv)),
-        scale=1.0, block_size=None, interpret=True, config=config,
-    )
+    plan = plan_for((2, time, heads, dk), dv, jnp.float32, config=config, interpret=True)
     n = plan.num_chunks
     assert n == chunks
     rng = np.random.default_rng(9)
@@ -122,7 +119,7 @@ def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
     init = rng.standard_normal((2 * heads, dk, dv)).astype(np.float32)
     rates = np.tile(np.array(RATES), 2)
     args = (jnp.asarray(x), jnp.asarray(init), jnp.asarray(RATES, jnp.float32))
-    got = np.asarray(pallas_gpu._scan(plan, *args, reverse=reverse))
+    got = np.asarray(states.scan(plan, *args, reverse=reverse))
     decay = np.exp(-rates[:, None, None] * np.clip(time - 1 - 32 * np.arange(n), 0, 32)[None, :, None])
     terms = np.zeros((2 * heads, n, dk, dv))  # chunk j's term at index j; the unused one stays 0
     if reverse:
@@ -140,22 +137,19 @@ def test_scan_over_chunks_matches_recurrence(reverse, chunks, group):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("dim", [16, 48, 64, 100, 128, 192, 256])
 def test_chunk_state_tiling_fits(dtype, dim):
-    # The default Config's chunk-state tiling at every dim and dtype: its block divides the chunk
+    # The default TritonConfig's chunk-state tiling at every dim and dtype: its block divides the chunk
     # and the pipelined operands fit the shared-memory budget (Triton fails to compile otherwise,
     # which only a GPU would show); wide rows keep the forward's tiling.
     for time in (3000, 65536):
-        x = jax.ShapeDtypeStruct((1, time, 16, dim), dtype)
-        plan = pallas_gpu._make_plan(
-            x, x, scale=1.0, block_size=None, interpret=True, config=pallas_gpu.Config()
-        )
-        states = plan.for_chunk_states()
-        assert plan.chunk % states.block == 0 and states.dv_pad % states.tile == 0
-        if plan.row_bytes >= 512:
-            assert states == plan
+        plan = plan_for((1, time, 16, dim), dim, dtype, interpret=True)
+        tiling = plan.for_chunk_states()
+        assert plan.chunk % tiling.block == 0 and tiling.dv_pad % tiling.tile == 0
+        if plan.row_bytes >= triton_config.WIDE_ROW_BYTES:
+            assert tiling == plan
             continue
-        stages = states.num_stages
-        smem = (stages * (states.dk_pad + states.tile) + states.tile) * states.block * states.itemsize
-        assert smem <= pallas_gpu._SMEM_BUDGET, (dtype, dim, states.block, smem)
+        stages = tiling.num_stages
+        smem = (stages * (tiling.dk_pad + tiling.tile) + tiling.tile) * tiling.block * tiling.itemsize
+        assert smem <= plan.facts.smem_budget == 192 * 1024, (dtype, dim, tiling.block, smem)
 
 
 @pytest.mark.parametrize(
@@ -164,41 +158,41 @@ def test_chunk_state_tiling_fits(dtype, dim):
      (1, 100_000, 2, 32), (3, 5000, 5, 256), (1, 4096, 4, 128), (2, 63, 3, 48)],
 )
 def test_chunk_rule(shape):
-    # The default Config's chunks: the whole sequence when (value tiles, batch, heads) reach
+    # The default TritonConfig's chunks: the whole sequence when (value tiles, batch, heads) reach
     # min_programs; else the longest power-of-two chunk up to config.chunk whose programs reach
     # chunk_programs (floored at two blocks), so that a longer chunk would fall short of them.
-    cfg = pallas_gpu.Config()
-    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    plan = pallas_gpu._make_plan(x, x, scale=1.0, block_size=None, interpret=True, config=cfg)
+    cfg = TritonConfig()
+    plan = plan_for(shape, shape[-1], jnp.bfloat16, config=cfg, interpret=True)
+    min_programs, chunk_programs = cfg.resolved_min_programs(plan.facts), cfg.resolved_chunk_programs(plan.facts)
+    assert (min_programs, chunk_programs) == (264, 512)  # Hopper's 132 SMs: one wave, two waves to a power of 2
     batch, time, heads, _ = shape
     per_chunk = plan.num_tiles("v") * batch * heads
     whole = 1 << (time - 1).bit_length()
     step = max(plan.block, plan.for_backward().block)
     assert plan.chunk & (plan.chunk - 1) == 0 and plan.chunk % step == 0
-    if per_chunk >= cfg.min_programs:
+    if per_chunk >= min_programs:
         assert plan.chunk >= time and plan.num_chunks == 1
         return
     assert plan.chunk <= max(cfg.chunk, 2 * step)
     longer = 2 * plan.chunk
     if plan.chunk < min(cfg.chunk, whole):  # it was shortened: a longer one has too few programs
-        assert per_chunk * -(-time // longer) < cfg.chunk_programs
+        assert per_chunk * -(-time // longer) < chunk_programs
     if plan.chunk > 2 * step:
-        assert per_chunk * plan.num_chunks >= cfg.chunk_programs
+        assert per_chunk * plan.num_chunks >= chunk_programs
 
 
 def test_default_config_single_chunk():
-    # The default Config at a short length: one chunk, no chunk-state kernel, no scans.
+    # The default TritonConfig at a short length: one chunk, no chunk-state kernel, no scans.
     _compare(20, 16, 16, jnp.float32, initial_state=True, config=None, seed=4)
 
 
 def test_default_config_through_the_api():
     rates = jnp.array(RATES, jnp.float32)
     q, k, v, s_in, _, _ = _inputs(9, len(RATES), 16, 16, jnp.float32, 5)
-    with pallas_gpu.force_interpret(True):
-        o, final = lightning_attention(
-            q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"
-        )
-    o_ref, final_ref = reference.recurrent(q, k, v, rates, s_in)
+    o, final = lightning_attention(
+        q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas", interpret=True
+    )
+    o_ref, final_ref = recurrent.recurrent(q, k, v, rates, s_in)
     assert _rel(o, o_ref) < 1e-5 and _rel(final, final_ref) < 1e-5
 
 
@@ -206,11 +200,10 @@ def test_split_sequence_continuity():
     # Two calls chained through the state equal one call: final_state feeds initial_state.
     rates = jnp.array(RATES, jnp.float32)
     q, k, v, _, _, _ = _inputs(45, len(RATES), 16, 16, jnp.float32, 6)
-    f = lambda q, k, v, s: pallas_gpu.lightning_attention_pallas(q, k, v, rates, s, config=SMALL)
-    with pallas_gpu.force_interpret(True):
-        o_all, s_all = f(q, k, v, None)
-        o1, s1 = f(q[:, :19], k[:, :19], v[:, :19], None)
-        o2, s2 = f(q[:, 19:], k[:, 19:], v[:, 19:], s1)
+    f = lambda q, k, v, s: lightning_attention_triton(q, k, v, rates, s, config=SMALL, interpret=True)
+    o_all, s_all = f(q, k, v, None)
+    o1, s1 = f(q[:, :19], k[:, :19], v[:, :19], None)
+    o2, s2 = f(q[:, 19:], k[:, 19:], v[:, 19:], s1)
     assert _rel(jnp.concatenate([o1, o2], 1), o_all) < 1e-5
     assert _rel(s2, s_all) < 1e-5
 
@@ -219,10 +212,9 @@ def test_vmap_matches_loop():
     rates = jnp.array(RATES[:2], jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
     q, k, v = (jax.random.normal(key, (2, 1, 18, 2, 16)) for key in keys)
-    f = lambda q, k, v: pallas_gpu.lightning_attention_pallas(q, k, v, rates, None, config=SMALL)[0]
-    with pallas_gpu.force_interpret(True):
-        batched = jax.vmap(f)(q, k, v)
-        looped = jnp.stack([f(q[i], k[i], v[i]) for i in range(2)])
+    f = lambda q, k, v: lightning_attention_triton(q, k, v, rates, None, config=SMALL, interpret=True)[0]
+    batched = jax.vmap(f)(q, k, v)
+    looped = jnp.stack([f(q[i], k[i], v[i]) for i in range(2)])
     assert _rel(batched, looped) < 1e-6
 
 
@@ -241,12 +233,12 @@ def _lower_for_cuda(shape_q, dim_v, dtype, config, initial_state=True):
     args.append(spec((batch, heads, dim_k, dim_v), jnp.float32) if initial_state else None)
 
     def loss(q, k, v, rates, s_in):
-        o, final = pallas_gpu.lightning_attention_pallas(q, k, v, rates, s_in, scale=0.5, config=config)
+        o, final = lightning_attention_triton(q, k, v, rates, s_in, scale=0.5, config=config, interpret=False)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
 
     grad = jax.grad(loss, argnums=(0, 1, 2) + ((4,) if initial_state else ()))
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
-    with pallas_gpu.force_interpret(False), jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(mesh):
         lowered = jax.jit(lambda *a: grad(*a)).trace(*args).lower(lowering_platforms=("cuda",))
     return lowered.as_text()
 
@@ -286,3 +278,121 @@ def test_lowers_for_cuda_all_kernels_small_config():
     names = _kernel_names(_lower_for_cuda((1, 100, 2, 32), 48, jnp.float32, unfused, initial_state=False))
     per_kind = {"lightning_backward_dq", "lightning_backward_dk", "lightning_backward_dv"}
     assert names == _MULTI_CHUNK | per_kind, names
+
+
+# ----------------------------------------------------------------------------------------------
+# The config reaches the kernels through the public op; GPU facts drive the tiling.
+
+
+def test_config_through_the_api_reaches_the_kernels():
+    # SMALL's 32-token chunks give the multi-chunk kernels; the default config gives one chunk.
+    spec = jax.ShapeDtypeStruct((1, 100, 2, 32), jnp.bfloat16)
+    rates = jnp.array([0.1, 0.5], jnp.float32)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
+
+    def lowered(config):
+        def loss(q, k, v):
+            o = lightning_attention(q, k, v, rates, implementation="pallas", config=config, interpret=False)
+            return jnp.sum(o.astype(jnp.float32))
+
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(
+                lowering_platforms=("cuda",)).as_text()
+
+    assert _kernel_names(lowered(SMALL)) == _MULTI_CHUNK | {"lightning_backward"}
+    assert _kernel_names(lowered(None)) == {"lightning_forward", "lightning_backward"}
+
+
+def test_config_through_the_api_matches_reference():
+    rates = jnp.array(RATES, jnp.float32)
+    q, k, v, s_in, _, _ = _inputs(70, len(RATES), 16, 16, jnp.float32, 11)
+    o = lightning_attention(q, k, v, rates, initial_state=s_in, implementation="pallas", config=SMALL,
+                            interpret=True)
+    assert _rel(o, reference.quadratic(q, k, v, rates, s_in)[0]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "implementation, config, pattern",
+    [
+        ("pallas", XlaConfig(), "config: got XlaConfig, expected TritonConfig"),
+        ("xla", SMALL, "config: got TritonConfig, expected XlaConfig"),
+        ("reference", SMALL, "config: got TritonConfig, expected None"),
+        ("pallas", {"chunk": 32}, "config: got dict, expected TritonConfig"),
+    ],
+)
+def test_wrong_config_is_named(implementation, config, pattern):
+    x = jnp.ones((1, 8, 2, 16))
+    with pytest.raises(TypeError, match=pattern):
+        lightning_attention(x, x, x, jnp.ones(2), implementation=implementation, config=config)
+
+
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [("block", 8, "config.block: got 8, expected a power of two >= 16"),
+     ("chunk", 48, "config.chunk: got 48, expected a positive power of two"),
+     ("num_stages", 0, "config.num_stages: got 0, expected an integer >= 1"),
+     ("fuse_backward", "yes", "config.fuse_backward: got 'yes', expected True or False")],
+)
+def test_bad_config_field_is_named(field, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        TritonConfig(**{field: value})
+
+
+def test_xla_config_block_size():
+    rates = jnp.array(RATES, jnp.float32)
+    q, k, v, _, _, _ = _inputs(33, len(RATES), 8, 8, jnp.float32, 12)
+    want = lightning_attention(q, k, v, rates, implementation="xla", block_size=8)
+    got = lightning_attention(q, k, v, rates, implementation="xla", config=XlaConfig(block_size=8))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same program
+    with pytest.raises(ValueError, match="config.block_size: got 12"):
+        XlaConfig(block_size=12)
+
+
+class _FakeGpu:
+    """What `gpu_facts` reads off a jax GPU device."""
+
+    def __init__(self, cores, capability, kind="fake"):
+        self.core_count, self.compute_capability, self.device_kind = cores, capability, kind
+
+
+def test_gpu_facts_from_the_device():
+    assert triton_config.gpu_facts() == triton_config.HOPPER  # no GPU here
+    a100 = triton_config.gpu_facts(_FakeGpu(108, "8.0", "NVIDIA A100"))
+    assert (a100.sm_count, a100.smem_per_block, a100.smem_budget) == (108, 163 * 1024, 128 * 1024)
+    assert triton_config.gpu_facts(_FakeGpu(70, "9.9")).smem_per_block == 227 * 1024  # unknown: Hopper's
+    assert triton_config.gpu_facts(_FakeGpu(None, "9.0")) == triton_config.HOPPER
+    cfg = TritonConfig()
+    # One wave is 2 programs per SM; the chunk rule's two waves round down to a power of two.
+    assert (cfg.resolved_min_programs(a100), cfg.resolved_chunk_programs(a100)) == (216, 256)
+    assert TritonConfig(min_programs=7, chunk_programs=9).resolved_chunk_programs(a100) == 9
+
+
+def test_chunk_rule_follows_the_sm_count():
+    # 1 x 65536 x 16 x 128 bf16: 32 programs per chunk. 512 needed on Hopper -> 16 chunks of
+    # 4096; 256 on an A100's 108 SMs -> 8 chunks of 8192.
+    from lightning_jax.attention.pallas_triton.plan import make_plan
+
+    def chunk(facts):
+        return make_plan((1, 65536, 16, 128), 128, jnp.bfloat16, scale=1.0, block_size=None,
+                         interpret=True, config=TritonConfig(), facts=facts).chunk
+
+    assert chunk(triton_config.HOPPER) == 4096
+    assert chunk(triton_config.gpu_facts(_FakeGpu(108, "8.0"))) == 8192
+
+
+def test_constant_rates_stay_opaque_to_constant_folding():
+    # Rates closed over as constants (as a model's are) enter behind an optimization barrier, so
+    # XLA cannot fold the decay factors built from them into large literals at compile time.
+    spec = jax.ShapeDtypeStruct((2, 64, 4, 16), jnp.float32)
+    rates = jnp.array(RATES, jnp.float32)
+
+    def loss(q, k, v, s):
+        o, final = lightning_attention_triton(q, k, v, rates, s, config=SMALL, interpret=False)
+        return jnp.sum(o) + jnp.sum(final)
+
+    s_spec = jax.ShapeDtypeStruct((2, 4, 16, 16), jnp.float32)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss, argnums=(0, 3))).trace(spec, spec, spec, s_spec).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "optimization_barrier" in text

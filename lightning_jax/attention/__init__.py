@@ -1,11 +1,18 @@
-"""Lightning attention: the op, its implementations (reference, recurrent, xla, pallas) and decay schedules."""
+"""Lightning attention: the op, its implementations and decay schedules.
 
-from lightning_jax.attention.api import (
-    IMPLEMENTATIONS,
-    default_implementation,
-    lightning_attention,
-)
-from lightning_jax.attention.reference import decode_step
+    api.py            lightning_attention: argument checks, dispatch
+    registry.py       the one list of implementations, DEFAULT_BLOCK_SIZE
+    reference.py      the quadratic oracle
+    recurrent.py      the token recurrence: decode_step (generation), recurrent (an oracle)
+    xla.py            the block algorithm in plain JAX (XlaConfig)
+    pallas_triton/    Pallas GPU kernels, Triton backend (TritonConfig)
+    schedules.py      decay-rate schedules
+"""
+
+from lightning_jax.attention.api import lightning_attention
+from lightning_jax.attention.pallas_triton.config import TritonConfig
+from lightning_jax.attention.recurrent import decode_step
+from lightning_jax.attention.registry import DEFAULT_BLOCK_SIZE, IMPLEMENTATIONS, default_implementation
 from lightning_jax.attention.schedules import (
     SCHEDULES,
     alibi_slopes,
@@ -13,10 +20,14 @@ from lightning_jax.attention.schedules import (
     paper_rates,
     tnl_rates,
 )
+from lightning_jax.attention.xla import XlaConfig
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
     "IMPLEMENTATIONS",
     "SCHEDULES",
+    "TritonConfig",
+    "XlaConfig",
     "alibi_slopes",
     "decode_step",
     "default_implementation",

@@ -17,22 +17,40 @@ states (time / C of them), never a time x time matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEFAULT_BLOCK_SIZE = 64
+from lightning_jax import checks
+from lightning_jax.attention.registry import DEFAULT_BLOCK_SIZE, next_power_of_2
+
 _F32 = jnp.float32
 
 
-def lightning_attention_xla(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None):
-    """Plain-JAX block algorithm. Shapes as in `api`; returns (o in q's dtype, final_state fp32)."""
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """Tuning knobs of the XLA path: `block_size`, tokens per block (a power of two). The op's
+    `block_size=` argument, when given, overrides it."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self):
+        checks.check_power_of_two("config.block_size", self.block_size)
+
+
+def lightning_attention_xla(
+    q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None, config=None, interpret=None
+):
+    """Plain-JAX block algorithm. Shapes as in `registry`; returns (o in q's dtype, final_state fp32).
+    `interpret` is part of the registry's common signature and ignored (no kernels here)."""
+    del interpret
     batch, time, heads, dim_k = q.shape
     dim_v = v.shape[-1]
-    block = block_size or DEFAULT_BLOCK_SIZE
-    block = min(block, _next_power_of_2(time))  # no point padding a short sequence to a long block
+    block = block_size or (config or XlaConfig()).block_size
+    block = min(block, next_power_of_2(time))  # no point padding a short sequence to a long block
     s_in = (
         jnp.zeros((batch, heads, dim_k, dim_v), _F32) if initial_state is None else initial_state
     )
@@ -40,10 +58,6 @@ def lightning_attention_xla(q, k, v, rates, initial_state, *, scale: float = 1.0
         q = q * jnp.asarray(scale, q.dtype)
     o, final_state = _block_attention(block, q, k, v, rates, s_in)
     return o, final_state
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 class _Decays:
