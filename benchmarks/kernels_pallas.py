@@ -3,9 +3,9 @@
     PYTHONPATH=$PWD python3 benchmarks/kernels_pallas.py [--shapes 1x65536x16x128,...] [--out F.json]
 
 End-to-end sweeps (sweep_pallas.py) cannot tell a 10 us change in a 30 us kernel from noise; this
-times `_scan` (both directions, fp32 states) and `_chunk_states` (U from k, v) by themselves and
-checks each variant against the first of its kind. docs/kernel-notes.md (sessions 4-5) has the
-numbers behind the defaults of `Config.scan_*` and `Config.state_*`. A kernel of under ~50 us costs
+times `states.scan` (both directions, fp32 states) and `states.chunk_states` (U from k, v) by themselves and
+checks each variant against the first of its kind. docs/kernels.md (the scan and chunk-state sections) has the
+numbers behind the defaults of `TritonConfig.scan_*` and `TritonConfig.state_*`. A kernel of under ~50 us costs
 about one jitted dispatch from Python, so its time here is the host's as much as the GPU's (the
 scans' did not repeat between runs): time those with Nsight Compute (benchmarks/ncu_pallas.sh).
 """
@@ -23,10 +23,11 @@ sys.path.insert(0, "benchmarks")
 from attention import time_jax  # noqa: E402
 from sweep_pallas import parse_shape  # noqa: E402
 
-from lightning_jax.attention import pallas_gpu  # noqa: E402
+from lightning_jax.attention import TritonConfig  # noqa: E402
+from lightning_jax.attention.pallas_triton import plan_for, states  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
-C = pallas_gpu.Config
+C = TritonConfig
 SCANS = {  # G chunks per step, state elements per program
     "default": C(),
     "g16_t1024": C(scan_group=16, scan_tile=1024),
@@ -44,8 +45,7 @@ STATES = {  # value tile, block, stages, warps
 
 
 def _plan(k, v, cfg):
-    interpret = pallas_gpu._use_interpret()
-    return pallas_gpu._make_plan(k, v, scale=1.0, block_size=None, interpret=interpret, config=cfg)
+    return plan_for(k.shape, v.shape[-1], k.dtype, config=cfg)
 
 
 def time_kernels(shape):
@@ -77,12 +77,12 @@ def time_kernels(shape):
         ref = None
         for name, cfg in SCANS.items():
             p = _plan(*kv[0], cfg)
-            fn = jax.jit(lambda x, init, p=p: pallas_gpu._scan(p, x, init, rates, reverse=reverse))
+            fn = jax.jit(lambda x, init, p=p: states.scan(p, x, init, rates, reverse=reverse))
             ref = record(f"scan{'_reverse' if reverse else ''} {name}", fn, xs, ref)
     ref = None
     for name, cfg in STATES.items():
         p = _plan(*kv[0], cfg)
-        fn = jax.jit(lambda k, v, p=p: pallas_gpu._chunk_states(p, k, v, rates))
+        fn = jax.jit(lambda k, v, p=p: states.chunk_states(p, k, v, rates))
         ref = record(f"states {name}", fn, kv, ref)
     return res
 

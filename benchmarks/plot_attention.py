@@ -1,6 +1,7 @@
 """Time vs sequence length (family (a)) from benchmarks/attention.py's JSON files.
 
-    python benchmarks/plot_attention.py OUT.png IN.json [MORE.json ...]
+    python benchmarks/plot_attention.py docs/attention_time_vs_length.png \
+        docs/attention_bench_family_a.json docs/attention_bench_family_b.json
 
 Family (a) points are the rows with 65,536 tokens, heads 16, dim 128 from any section; a later file's
 row replaces an earlier one of the same shape (a re-run after a change), so every point keeps the
@@ -12,6 +13,18 @@ import sys
 
 import matplotlib
 import matplotlib.pyplot as plt
+
+# The files under docs/ with family (a) rows, in the order to merge them: the runs with every peer
+# (seed and cuDNN too, on an earlier version of our kernels) first, the current kernels' runs last.
+FAMILY_A_FILES = (
+    "attention_bench_all_peers_family_a.json",
+    "attention_bench_all_peers_family_b.json",
+    "attention_bench_family_a.json",
+    "attention_bench_family_b.json",
+)
+LABELS = {"pallas": "ours (Pallas)", "xla": "ours (plain XLA)", "jla": "jax-linear-attention (jla)",
+          "fla": "flash-linear-attention (fla)", "seed": "lightning-attn (authors' kernel)",
+          "cudnn": "cuDNN softmax attention"}
 
 
 def family_a_rows(paths):
@@ -27,6 +40,24 @@ def family_a_rows(paths):
     return [rows[t] for t in sorted(rows)], device
 
 
+def family_a_points(paths):
+    """Like family_a_rows, but merged per implementation: impl -> time -> its timings from the last
+    file that timed that implementation at that length (peers skipped in a later run keep their
+    points from an earlier one)."""
+    points, device = {}, ""
+    for path in paths:
+        results = json.load(open(path))
+        device = results["versions"].get("device", device)
+        for key in ("family_a", "family_b"):
+            for row in results.get(key, []):
+                batch, time, heads, dim = row["shape"]
+                if batch * time == 65536 and heads == 16 and dim == 128:
+                    for impl, timings in row["impls"].items():
+                        if "fwd_s" in timings or "fb_s" in timings:
+                            points.setdefault(impl, {})[time] = timings
+    return points, device
+
+
 def main():
     matplotlib.use("Agg")
     out, paths = sys.argv[1], sys.argv[2:]
@@ -36,7 +67,7 @@ def main():
         names = [n for n in rows[0]["impls"] if n not in ("cudnn", "seed")]
         for name in names:
             pts = [(r["shape"][1], r["impls"][name][key] * 1e3) for r in rows if key in r["impls"].get(name, {})]
-            ax.plot(*zip(*pts), marker="o", label="ours (pallas)" if name == "pallas" else name)
+            ax.plot(*zip(*pts), marker="o", label=LABELS.get(name, name))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("length (batch = 65,536 / length; heads 16, dim 128, bf16)")

@@ -3,8 +3,8 @@
     ncu --clock-control none -k regex:lightning --section SpeedOfLight --section LaunchStats \
         --section Occupancy python3 benchmarks/profile_pallas.py --shape 64x1024x16x128
 
-Forward and forward+backward of `lightning_attention_pallas` in bf16 (fresh N(0, 1) inputs, ALiBi
-rates), `--calls` times each after one compile call; `--config key=value,...` overrides Config.
+Forward and forward+backward of `lightning_attention_triton` in bf16 (fresh N(0, 1) inputs, ALiBi
+rates), `--calls` times each after one compile call; `--config key=value,...` overrides TritonConfig fields.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 
-from lightning_jax.attention import pallas_gpu
+from lightning_jax.attention import TritonConfig
+from lightning_jax.attention.pallas_triton import lightning_attention_triton
 from lightning_jax.attention.schedules import alibi_slopes
 
 
-def parse_config(text: str) -> pallas_gpu.Config:
+def parse_config(text: str) -> TritonConfig:
     fields = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
         fields[key] = int(value)
-    return pallas_gpu.Config(**fields)
+    return TritonConfig(**fields)
 
 
 def main():
@@ -42,7 +43,7 @@ def main():
     q, k, v, d_o = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
 
     def f(q, k, v):
-        return pallas_gpu.lightning_attention_pallas(q, k, v, rates, None, config=cfg)[0]
+        return lightning_attention_triton(q, k, v, rates, None, config=cfg)[0]
 
     fwd = jax.jit(f)
 

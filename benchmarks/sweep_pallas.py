@@ -3,12 +3,13 @@
     PYTHONPATH=$PWD python3 benchmarks/sweep_pallas.py --out $OUT/sweep.json \
         [--configs default,unfused] [--shapes 64x1024x16x128,...] [--modules old=OLD_pallas_gpu.py]
 
-Times forward and forward+backward of `lightning_attention_pallas` for each Config in CONFIGS on a
-few bf16 shapes (family (a) ends at dim 128, and dim 256), then checks that the default Config
-compiles (Triton's shared-memory limit) for fp32, fp16 and bf16 at wide dims. `--modules` adds the
-default Config of other copies of pallas_gpu.py (say, the last commit's, saved beside the tree),
-each under its name, for A/B comparisons within one run. The defaults in
-pallas_gpu.Config come from such sweeps; docs/kernel-notes.md tabulates the variants tried.
+Times forward and forward+backward of `lightning_attention_triton` for each TritonConfig in
+CONFIGS on a few bf16 shapes (family (a) ends at dim 128, and dim 256), then checks that the default
+config compiles (Triton's shared-memory limit) for fp32, fp16 and bf16 at wide dims. `--modules`
+adds the defaults of earlier single-file versions of the kernels (`pallas_gpu.py`, which exposes
+`Config` and `lightning_attention_pallas`, e.g. `git show 8fe8642:lightning_jax/attention/pallas_gpu.py`),
+each under its name, for before/after comparisons within one run. The defaults in
+TritonConfig come from such sweeps; docs/kernels.md tabulates the variants tried.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import jax.numpy as jnp
 sys.path.insert(0, "benchmarks")
 from attention import time_jax  # noqa: E402
 
-from lightning_jax.attention import pallas_gpu  # noqa: E402
+from lightning_jax.attention import TritonConfig  # noqa: E402
+from lightning_jax.attention.pallas_triton import lightning_attention_triton  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
-C = pallas_gpu.Config
+C = TritonConfig
 CONFIGS = {
     "default": C(),
     "unfused": C(fuse_backward=False),
@@ -60,13 +62,14 @@ SHAPES = [(64, 1024, 16, 128), (1, 65536, 16, 128), (8, 2048, 32, 256)]
 COMPILE_CHECKS = [(jnp.float32, 128), (jnp.float32, 256), (jnp.float16, 192), (jnp.bfloat16, 256)]
 
 
-def run(shape, cfg, dtype=jnp.bfloat16, timing=True, module=pallas_gpu):
+def run(shape, cfg, dtype=jnp.bfloat16, timing=True, attend=lightning_attention_triton):
+    """{fwd_ms, fb_ms} of `attend(q, k, v, rates, None, config=cfg)` at one shape."""
     rates = jnp.asarray(alibi_slopes(shape[2]), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     sets = [tuple(jax.random.normal(keys[4 * s + i], shape, dtype) for i in range(4)) for s in range(2)]
 
     def f(q, k, v):
-        return module.lightning_attention_pallas(q, k, v, rates, None, config=cfg)[0]
+        return attend(q, k, v, rates, None, config=cfg)[0]
 
     fwd = jax.jit(lambda q, k, v, do: f(q, k, v))
 
@@ -82,7 +85,7 @@ def run(shape, cfg, dtype=jnp.bfloat16, timing=True, module=pallas_gpu):
 
 
 def load_module(name: str, path: str):
-    """A copy of pallas_gpu.py from a file (imported under its own name, beside the package)."""
+    """An earlier single-file version of the kernels (imported under its own name, beside the package)."""
     spec = importlib.util.spec_from_file_location(f"pallas_gpu_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -99,28 +102,28 @@ def main():
     p.add_argument("--out", default="sweep.json")
     p.add_argument("--configs", default=",".join(CONFIGS), help="names from CONFIGS, comma separated")
     p.add_argument("--shapes", default=None, help="BxTxHxD,... (default: SHAPES)")
-    p.add_argument("--modules", default=None, help="NAME=PATH,...: other pallas_gpu.py copies")
+    p.add_argument("--modules", default=None, help="NAME=PATH,...: earlier single-file pallas_gpu.py versions")
     p.add_argument("--no-compile-checks", action="store_true")
     args = p.parse_args()
     shapes = [parse_shape(x) for x in args.shapes.split(",")] if args.shapes else SHAPES
-    variants = {name: (CONFIGS[name], pallas_gpu) for name in args.configs.split(",")}
+    variants = {name: (CONFIGS[name], lightning_attention_triton) for name in args.configs.split(",")}
     for item in args.modules.split(",") if args.modules else []:
         name, path = item.split("=")
         module = load_module(name, path)
-        variants = {name: (module.Config(), module), **variants}
+        variants = {name: (module.Config(), module.lightning_attention_pallas), **variants}
     res = {}
     for shape in shapes:
-        for name, (cfg, module) in variants.items():
+        for name, (cfg, attend) in variants.items():
             key = f"{shape} {name}"
             t0 = time.perf_counter()
             try:
-                res[key] = run(shape, cfg, module=module)
+                res[key] = run(shape, cfg, attend=attend)
             except Exception as e:
                 res[key] = dict(error=repr(e)[:200])
             print(key, res[key], f"{time.perf_counter() - t0:.1f}s", flush=True)
             json.dump(res, open(args.out, "w"), indent=1)
     checks = [] if args.no_compile_checks else COMPILE_CHECKS
-    for dtype, dim in checks:  # Triton's shared-memory limit, default Config
+    for dtype, dim in checks:  # Triton's shared-memory limit, default config
         key = f"compile {jnp.dtype(dtype).name} dim{dim}"
         try:
             run((1, 1000, 2, dim), C(), dtype, timing=False)

@@ -43,7 +43,7 @@ import lightning_jax as lj
 from lightning_jax.training import ByteTokenizer, TrainConfig, load_model, read_metrics, train_and_evaluate
 from lightning_jax.training import data
 from lightning_jax.training.config import CheckpointConfig, DataConfig, EvalConfig, LogConfig, ModelSpec, OptimConfig
-from lightning_jax.training.loop import build_model_config
+from lightning_jax.models.registry import build_model_config
 
 SMOKE = os.environ.get("LIGHTNING_JAX_SMOKE") == "1"  # CI runs every notebook small and fast
 # Runs go to $LIGHTNING_JAX_NOTEBOOK_WORKDIR when set (CI points it at a temporary directory),

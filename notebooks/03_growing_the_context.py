@@ -305,20 +305,20 @@ def plot_throughput(data, source):
 
 found = {path.name: load_json(path) for path in sorted((ROOT / "docs").glob("*.json"))} if (ROOT / "docs").is_dir() else {}
 found = {name: data for name, data in found.items() if isinstance(data, dict)}
-# Several attention runs may be recorded; docs/benchmarks.md names attention_bench.json as the timing run.
+# Several attention runs may be recorded; attention_bench_family_a.json is the current kernels' family (a) run.
 attention_runs = [name for name, data in found.items() if data.get("family_a")]
-attention = next((n for n in ("attention_bench.json", "attention.json") if n in attention_runs),
+attention = next((n for n in ("attention_bench_family_a.json", "attention.json") if n in attention_runs),
                  attention_runs[-1] if attention_runs else None)
 throughput = [name for name, data in found.items() if isinstance(data.get("rows"), list)]
 if attention is None:
     print("no attention benchmark JSON (with family_a) under docs/: run benchmarks/attention.py on a GPU")
 else:
     print(f"attention: docs/{attention} ({found[attention].get('date', 'no date')}: {found[attention].get('command', '')})")
-    # Re-runs after a change (attention_bench_rerun.json) replace the rows they re-measured.
+    # Later runs (plot_attention.FAMILY_A_FILES, in order) replace the rows they re-measured.
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from plot_attention import family_a_rows
+    from plot_attention import FAMILY_A_FILES, family_a_rows
 
-    merged, _ = family_a_rows(sorted((ROOT / "docs").glob("attention_bench*.json")))
+    merged, _ = family_a_rows([ROOT / "docs" / n for n in FAMILY_A_FILES if (ROOT / "docs" / n).exists()])
     plot_attention({**found[attention], "family_a": merged}, attention)
 if not throughput:
     print("no training-throughput JSON under docs/ yet: run benchmarks/train_throughput.py on a GPU")

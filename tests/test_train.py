@@ -14,7 +14,9 @@ import pytest
 
 from lightning_jax.training import data, optim, step as step_lib
 from lightning_jax.training.config import TrainConfig
-from lightning_jax.training.loop import Evaluator, _setup, train_and_evaluate
+from lightning_jax.training.evaluation import Evaluator
+from lightning_jax.training.loop import train_and_evaluate
+from lightning_jax.training.run import setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "train", "configs", "demo.py")
@@ -114,7 +116,7 @@ def test_no_weight_decay_on_embeddings_norms_and_vectors():
 
     model = TNL(TNLConfig.tiny(), rngs=nnx.Rngs(0))
     mask = optim.weight_decay_mask(nnx.state(model, nnx.Param))
-    flat = {optim._path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat and all(not v for k, v in flat.items() if "embed" in k or "theta" in k)
     decayed = [k for k, v in flat.items() if v]
     assert any("qkvu" in k for k in decayed) and any("w3" in k for k in decayed)
@@ -129,8 +131,8 @@ def test_no_weight_decay_on_stacked_norm_weights():
     params = nnx.state(Transformer(TransformerConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0)), nnx.Param)
     mask = optim.weight_decay_mask(params)
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    decay = dict((optim._path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(mask))
-    stacked_norms = [optim._path_name(p) for p, x in leaves if "norm" in optim._path_name(p) and x.ndim == 2]
+    decay = dict((optim.path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(mask))
+    stacked_norms = [optim.path_name(p) for p, x in leaves if "norm" in optim.path_name(p) and x.ndim == 2]
     assert stacked_norms and not any(decay[k] for k in stacked_norms)
     assert decay["groups/0/attention/qkv/value"]
 
@@ -145,7 +147,7 @@ def test_schedule_warms_up_then_decays_to_min():
 def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
     cfg = demo_config(tmp_path, data={"seq_len": 32, "batch_size": 8}, mesh={"data": 8},
                       model={"dtype": "bfloat16", "param_dtype": "float32"})
-    run = _setup(cfg)
+    run = setup_run(cfg)
     fn = step_lib.jit_train_step(step_lib.make_train_step(run.graphdef, run.tx, run.schedule), run.state)
     before = jax.device_get(run.state["params"])
     batch = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
@@ -165,7 +167,7 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
     for accum in (1, 4):
         cfg = demo_config(tmp_path, data={"seq_len": 32, "batch_size": 32}, optim={"grad_accum_steps": accum},
                           mesh={"data": 8})
-        run = _setup(cfg)
+        run = setup_run(cfg)
         batch = np.random.default_rng(0).integers(0, 256, (32, 33), dtype=np.int32)
         fn = step_lib.jit_train_step(step_lib.make_train_step(run.graphdef, run.tx, run.schedule, accum), run.state)
         with jax.set_mesh(run.mesh):
@@ -207,7 +209,7 @@ def test_demo_config_trains_and_loss_falls(tmp_path):
 
 def test_pmap_eval_equals_jit_eval(tmp_path):
     cfg = demo_config(tmp_path, data={"seq_len": 64}, eval={"max_tokens": 3000, "batch_size": 16}, mesh={"data": 8})
-    run = _setup(cfg)
+    run = setup_run(cfg)
     state = run.state
     jitted = Evaluator(run, pmap=False)(state)
     pmapped = Evaluator(run, pmap=True)(state)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from lightning_jax.training import checkpoint as ckpt
-from lightning_jax.training.loop import Evaluator, _setup, load_model, train_and_evaluate
+from lightning_jax.training.evaluation import Evaluator
+from lightning_jax.training.loop import load_model, train_and_evaluate
+from lightning_jax.training.run import setup_run
 from test_train import DEMO, ROOT, demo_config
 
 STEPS = 40
@@ -99,7 +101,7 @@ def test_restore_onto_a_different_mesh_gives_the_same_eval_loss(tmp_path):
     saved = train_and_evaluate(demo_config(tmp_path, mesh={"data": 8, "fsdp": 1, "tensor": 1}, **common))
     assert saved["last_checkpoint"] == 8
 
-    run = _setup(demo_config(tmp_path, mesh={"data": 2, "fsdp": 1, "tensor": 4}, **common))
+    run = setup_run(demo_config(tmp_path, mesh={"data": 2, "fsdp": 1, "tensor": 4}, **common))
     manager = ckpt.make_manager(str(tmp_path), run.config.checkpoint, read_only=True)
     state, meta = ckpt.restore(manager, run.state)
     manager.close()

@@ -9,11 +9,15 @@ Multi-process: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID
 line naming the field or path and exits with status 2.
 """
 
+import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
+
+from lightning_jax.checks import ArgumentError
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. train/configs/demo.py.", lock_config=True)
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval.")
@@ -25,29 +29,72 @@ def _usage_error(message: str):
     sys.exit(2)
 
 
-def _config_path(argv) -> str | None:
+def _config_spec(argv) -> str | None:
+    """The value of --config (``path`` or ``path:argument``), or None."""
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":")[0]
+            return argv[i + 1]
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":")[0]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _load_config(spec: str):
+    """`get_config()` of the file, as ml_collections' --config does (``path:arg`` passes arg)."""
+    path, colon, argument = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if colon else module.get_config()
+
+
+def _override_names(argv) -> list[str]:
+    """The dotted names of the --config.a.b[=value] overrides (also --noconfig.a.b for booleans)."""
+    names = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("-") and name.startswith("noconfig."):
+            name = name[len("no"):]
+        if arg.startswith("-") and name.startswith("config."):
+            names.append(name)
+    return names
+
+
+def _unknown_override(config, name: str) -> ArgumentError | None:
+    """ArgumentError on the first part of `name` (``config.optim.lrr``) that `config` lacks."""
+    node = config
+    parts = name.split(".")
+    for depth, part in enumerate(parts[1:], 1):
+        if not isinstance(node, (ConfigDict, Mapping)):
+            return ArgumentError(".".join(parts[: depth + 1]), f"unknown config field ({'.'.join(parts[:depth])} has no fields)")
+        if part not in node:
+            return ArgumentError(".".join(parts[: depth + 1]), f"unknown config field, expected one of {sorted(node.keys())}")
+        node = node[part]
     return None
 
 
 def parse_flags(argv):
-    """absl's parser, with its errors (missing file, unknown --config.x, bad type) as one line."""
-    path = _config_path(argv)
-    if path is not None and not os.path.isfile(path):
-        _usage_error(f"--config: {path} does not exist")
+    """absl's parser, with its errors (missing file, unknown --config.x, bad type) as one line.
+
+    The config file is loaded once here first, so an override naming a field the config lacks is
+    reported by its dotted name before absl parses anything."""
+    spec = _config_spec(argv)
+    if spec is not None:
+        path = spec.split(":")[0]
+        if not os.path.isfile(path):
+            _usage_error(f"--config: {path} does not exist")
+        try:
+            config = _load_config(spec)
+        except Exception as e:  # noqa: BLE001: any failure to run the config file is a usage error
+            _usage_error(f"--config: {path}: " + (" ".join(str(e).split()) or type(e).__name__))
+        for name in _override_names(argv):
+            unknown = _unknown_override(config, name)
+            if unknown is not None:
+                _usage_error(str(unknown))
     try:
         rest = FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: an override names a field the config lacks
-        key = e.args[0] if e.args else e
-        text = (key.args[0] if isinstance(key, KeyError) and key.args else str(key)).splitlines()
-        name, hint = text[0].strip("'") if text else "?", " ".join(text[1:])
-        fields = [a.split("=")[0].lstrip("-") for a in argv if a.startswith("--config.")]
-        field = next((f for f in fields if f.split(".")[-1] == name or f".{name}." in f), name)
-        _usage_error(f"{field}: unknown config field. {hint}".strip())
     except Exception as e:  # noqa: BLE001: any failure to read the flags or the file is a usage error
         _usage_error(" ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__)
     if FLAGS.config is None:

@@ -5,7 +5,9 @@
 
 Modules: `config` (TrainConfig and its sections), `data` (corpora, tokenizers, grain pipeline),
 `optim` (AdamW + schedule), `step` (train state, loss, compiled step, eval sums), `checkpoint`
-(Orbax), `metrics` (metrics.jsonl, MFU), `loop` (train_and_evaluate, evaluate, load_model).
+(Orbax), `metrics` (metrics.jsonl, MFU), `run` (run set-up: mesh, sharded model, train state),
+`evaluation` (Evaluator, evaluate), `loop` (train_and_evaluate, load_model). The model built from
+a config's `model` section comes from `lightning_jax.models.registry`.
 
 Names are imported on first use, so `import lightning_jax.training.step` (e.g. in a benchmark on an
 image without grain) pulls in neither grain nor Orbax.
@@ -19,7 +21,7 @@ _EXPORTS = {
     "DataError": "data",
     "ByteTokenizer": "data",
     "train_and_evaluate": "loop",
-    "evaluate": "loop",
+    "evaluate": "evaluation",
     "load_model": "loop",
     "make_optimizer": "optim",
     "read_metrics": "metrics",

@@ -2,63 +2,91 @@
 
 The CLI reads ml_collections config files (train/configs/*.py) and hands `config.to_dict()` to
 `TrainConfig.from_dict`; notebooks build `TrainConfig(...)` directly. Every check raises `ConfigError`
-whose message starts with the dotted field name (``config.optim.lr: got -1.0, expected ...``), so the
-CLI can print it as one line and exit 2.
+(an `lightning_jax.checks.ArgumentError`) whose field is the dotted path from the root
+(``config.optim.lr: got -1.0, expected ...``), so the CLI can print it as one line and exit 2.
+Sections check their own fields with the shared `lightning_jax.checks` functions and nest the
+field under their path with `ArgumentError.under`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
+from lightning_jax.checks import (
+    ArgumentError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+    fail,
+    is_int,
+)
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
-
-
-def _fail(field: str, value, expected: str):
-    raise ConfigError(f"config.{field}: got {value!r}, expected {expected}")
-
-
-def _int(field: str, value, minimum: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        _fail(field, value, f"an integer >= {minimum}" if minimum is not None else "an integer")
-
-
-def _float(field: str, value, *, low: float = -math.inf, high: float = math.inf, open_low: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        _fail(field, value, f"a finite number in {'(' if open_low else '['}{low}, {high}]")
+ROOT = "config"
 
 
-def _bool(field: str, value):
-    if not isinstance(value, bool):
-        _fail(field, value, "True or False")
+class ConfigError(ArgumentError):
+    """A bad configuration value; `field` is its dotted path (``config.optim.lr``)."""
 
 
-def _str(field: str, value, choices=None):
-    if not isinstance(value, str) or (choices is not None and value not in choices):
-        _fail(field, value, f"one of {list(choices)}" if choices else "a string")
+def as_config_error(error: Exception, path: str = "") -> ConfigError:
+    """`error` as a ConfigError under ``config.<path>``: an ArgumentError keeps its field (nested
+    under the path); any other error's message becomes the detail of the path itself."""
+    if isinstance(error, ArgumentError):
+        field, detail = error.field, error.detail
+    else:
+        field, detail = "", str(error)
+    return ConfigError(field, detail).under(f"{ROOT}.{path}" if path else ROOT)
+
+
+class _Checked:
+    """Runs `_check` after construction and reports its failures under ``config.<_path>``."""
+
+    _path = ""
+
+    def __post_init__(self):
+        try:
+            self._check()
+        except ConfigError:
+            raise
+        except ArgumentError as e:
+            raise as_config_error(e, self._path) from None
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    def _int(self, name: str, **bounds) -> None:
+        # Stored as a Python int (a numpy integer would not survive the checkpoint's JSON meta).
+        object.__setattr__(self, name, check_int(name, getattr(self, name), **bounds))
+
+    def _bool(self, name: str) -> None:
+        object.__setattr__(self, name, check_bool(name, getattr(self, name)))
+
+    def _float(self, name: str, **bounds) -> None:
+        check_float(name, getattr(self, name), **bounds)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Checked):
     """Which model: `arch` ("tnl" or "transformer"), a preset classmethod of its config dataclass
-    (e.g. "tiny", "tnl_385m"), and field overrides applied on top of the preset."""
+    (e.g. "tiny", "tnl_385m"), and field overrides applied on top of the preset
+    (lightning_jax.models.registry builds it)."""
 
     arch: str = "tnl"
     preset: str = "tiny"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
-        _str("model.arch", self.arch, ("tnl", "transformer"))
-        _str("model.preset", self.preset)
+    _path = "model"
+
+    def _check(self):
+        check_choice("arch", self.arch, ("tnl", "transformer"))
+        check_str("preset", self.preset)
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
     """`corpus`: "shakespeare" (shipped) or a directory (see lightning_jax.training.data).
     `batch_size` is global (all processes, all devices) in sequences of `seq_len` tokens per step."""
 
@@ -67,15 +95,17 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16
 
-    def __post_init__(self):
-        _str("data.corpus", self.corpus)
-        _str("data.tokenizer", self.tokenizer)
-        _int("data.seq_len", self.seq_len, 2)
-        _int("data.batch_size", self.batch_size, 1)
+    _path = "data"
+
+    def _check(self):
+        check_str("corpus", self.corpus)
+        check_str("tokenizer", self.tokenizer)
+        self._int("seq_len", minimum=2)
+        self._int("batch_size", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Checked):
     """AdamW with linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at the last step, and
     global-norm clipping. `grad_accum_steps` splits each step's batch into that many microbatches."""
 
@@ -89,37 +119,42 @@ class OptimConfig:
     clip_norm: float = 1.0
     grad_accum_steps: int = 1
 
-    def __post_init__(self):
-        _float("optim.lr", self.lr, low=0.0, open_low=True)
-        _float("optim.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _int("optim.warmup_steps", self.warmup_steps, 0)
-        _float("optim.b1", self.b1, low=0.0, high=1.0)
-        _float("optim.b2", self.b2, low=0.0, high=1.0)
-        _float("optim.eps", self.eps, low=0.0, open_low=True)
-        _float("optim.weight_decay", self.weight_decay, low=0.0)
-        _float("optim.clip_norm", self.clip_norm, low=0.0, open_low=True)
-        _int("optim.grad_accum_steps", self.grad_accum_steps, 1)
+    _path = "optim"
+
+    def _check(self):
+        self._float("lr", low=0.0, open_low=True)
+        self._float("min_lr_ratio", low=0.0, high=1.0)
+        self._int("warmup_steps", minimum=0)
+        self._float("b1", low=0.0, high=1.0)
+        self._float("b2", low=0.0, high=1.0)
+        self._float("eps", low=0.0, open_low=True)
+        self._float("weight_decay", low=0.0)
+        self._float("clip_norm", low=0.0, open_low=True)
+        self._int("grad_accum_steps", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Checked):
     """Device mesh ("data", "fsdp", "tensor"); -1 takes the devices the others leave."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
 
-    def __post_init__(self):
+    _path = "mesh"
+
+    def _check(self):
         for name in ("data", "fsdp", "tensor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-                _fail(f"mesh.{name}", value, "a positive integer or -1 (the remaining devices)")
+            if not (is_int(value) and (value >= 1 or value == -1)):
+                fail(name, value, "a positive integer or -1 (the remaining devices)")
+            object.__setattr__(self, name, int(value))
         if [self.data, self.fsdp, self.tensor].count(-1) > 1:
-            _fail("mesh", (self.data, self.fsdp, self.tensor), "at most one axis of -1")
+            fail("", (self.data, self.fsdp, self.tensor), "at most one axis of -1")  # the section itself
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Checked):
     """Save every `every_steps` steps and at the end (asynchronously), keep the newest `keep`."""
 
     enabled: bool = True
@@ -127,15 +162,17 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
 
-    def __post_init__(self):
-        _bool("checkpoint.enabled", self.enabled)
-        _int("checkpoint.every_steps", self.every_steps, 1)
-        _int("checkpoint.keep", self.keep, 1)
-        _bool("checkpoint.async_save", self.async_save)
+    _path = "checkpoint"
+
+    def _check(self):
+        self._bool("enabled")
+        self._int("every_steps", minimum=1)
+        self._int("keep", minimum=1)
+        self._bool("async_save")
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Checked):
     """Validation every `every_steps` (0: only at the end) over the first `max_tokens` held-out
     tokens (0: all). `batch_size` 0 uses data.batch_size. `pmap` selects the jax.pmap path."""
 
@@ -144,15 +181,17 @@ class EvalConfig:
     batch_size: int = 0
     pmap: bool = False
 
-    def __post_init__(self):
-        _int("eval.every_steps", self.every_steps, 0)
-        _int("eval.max_tokens", self.max_tokens, 0)
-        _int("eval.batch_size", self.batch_size, 0)
-        _bool("eval.pmap", self.pmap)
+    _path = "eval"
+
+    def _check(self):
+        self._int("every_steps", minimum=0)
+        self._int("max_tokens", minimum=0)
+        self._int("batch_size", minimum=0)
+        self._bool("pmap")
 
 
 @dataclasses.dataclass(frozen=True)
-class LogConfig:
+class LogConfig(_Checked):
     """Metrics every `every_steps`. `peak_tflops_per_device` for MFU (0: look it up from the device
     kind; unknown kinds, such as CPUs, log mfu = null)."""
 
@@ -161,11 +200,13 @@ class LogConfig:
     tensorboard: bool = False
     peak_tflops_per_device: float = 0.0
 
-    def __post_init__(self):
-        _int("log.every_steps", self.every_steps, 1)
-        _bool("log.progress_bar", self.progress_bar)
-        _bool("log.tensorboard", self.tensorboard)
-        _float("log.peak_tflops_per_device", self.peak_tflops_per_device, low=0.0)
+    _path = "log"
+
+    def _check(self):
+        self._int("every_steps", minimum=1)
+        self._bool("progress_bar")
+        self._bool("tensorboard")
+        self._float("peak_tflops_per_device", low=0.0)
 
 
 _SECTIONS = {
@@ -179,7 +220,7 @@ _SECTIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Checked):
     """Everything a run needs. `steps` optimizer updates; `workdir` holds checkpoints/ and
     metrics.jsonl; `seed` fixes initialisation and the data order."""
 
@@ -194,14 +235,14 @@ class TrainConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
-    def __post_init__(self):
-        _int("steps", self.steps, 1)
-        _str("workdir", self.workdir)
+    def _check(self):
+        self._int("steps", minimum=1)
+        check_str("workdir", self.workdir)
         if not self.workdir:
-            _fail("workdir", self.workdir, "a directory path")
-        _int("seed", self.seed, 0)
+            fail("workdir", self.workdir, "a directory path")
+        self._int("seed", minimum=0)
         if self.data.batch_size % self.optim.grad_accum_steps:
-            _fail(
+            fail(
                 "optim.grad_accum_steps",
                 self.optim.grad_accum_steps,
                 f"a divisor of data.batch_size={self.data.batch_size}",
@@ -214,7 +255,7 @@ class TrainConfig:
         d = dict(d)
         for required in ("steps", "workdir"):
             if required not in d:
-                raise ConfigError(f"config.{required}: missing, every config needs steps, workdir and seed")
+                raise ConfigError(required, "missing, every config needs steps, workdir and seed").under(ROOT)
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in ("steps", "workdir", "seed"):
@@ -228,7 +269,7 @@ class TrainConfig:
                 kwargs[key] = _section(key, _SECTIONS[key], value)
             else:
                 known = ["steps", "workdir", "seed", "model", *_SECTIONS]
-                raise ConfigError(f"config.{key}: unknown field, expected one of {known}")
+                raise ConfigError(key, f"unknown field, expected one of {known}").under(ROOT)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,9 +280,9 @@ class TrainConfig:
 
 def _section(name: str, cls, value):
     if not isinstance(value, Mapping):
-        _fail(name, value, "a mapping of fields")
+        raise as_config_error(ArgumentError("", f"got {value!r}, expected a mapping of fields"), name)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in value:
         if key not in known:
-            raise ConfigError(f"config.{name}.{key}: unknown field, expected one of {sorted(known)}")
+            raise as_config_error(ArgumentError(key, f"unknown field, expected one of {sorted(known)}"), name)
     return cls(**value)

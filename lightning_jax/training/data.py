@@ -11,6 +11,10 @@ Three kinds of corpus, chosen by `DataConfig.corpus`:
   ``<dir>/validation.bin``, flat little-endian token ids with documents separated by the EOS id, and
   ``<dir>/meta.json`` = ``{"dtype": "uint16" | "uint32", "vocab_size": int}``. Read by memory map.
 
+`open_corpus` makes that choice once and returns a `Corpus`: `ShakespeareCorpus` or
+`TextDirectoryCorpus` (both `TextCorpus`: documents tokenized on the fly) or `TokenCorpus`. The
+functions below take either the config's string or a `Corpus`.
+
 Training batches: ``{"tokens": int32 [local_batch, seq_len + 1]}`` (inputs are ``[:, :-1]``, targets
 ``[:, 1:]``), from a grain pipeline that shards the documents per process, shuffles them (a fresh
 order each epoch), tokenizes, appends EOS and packs them end to end into rows. Its iterator state is
@@ -189,33 +193,169 @@ def _token_stream(corpus: str, split: str) -> tuple[np.ndarray, dict]:
     return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 
-def check_corpus(corpus: str) -> None:
-    """Raises DataError naming the path when the corpus is not there (before any compilation)."""
-    if corpus == "shakespeare":
+class Corpus:
+    """A corpus of `DataConfig.corpus`, opened by `open_corpus`: text documents tokenized on the fly
+    (`TextCorpus`: the shipped Shakespeare or a directory of text) or a pre-tokenized stream on disk
+    (`TokenCorpus`). `str(corpus)` is what the config named."""
+
+    def check(self) -> None:
+        """Raises DataError naming the path when the corpus is not there or not readable."""
+        raise NotImplementedError
+
+    def vocab_size(self, tokenizer: Tokenizer) -> int:
+        """The number of token ids the model must cover."""
+        raise NotImplementedError
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
+        """An infinite grain IterDataset of ``{"tokens": int32 [length]}`` rows for this process."""
+        raise NotImplementedError
+
+    def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
+        """The held-out tokens (int32), at least the first `max_tokens + 1` of them when given."""
+        raise NotImplementedError
+
+
+class TextCorpus(Corpus):
+    """Documents as text, cut into pieces, tokenized, EOS-terminated and packed into rows."""
+
+    def documents(self, split: str) -> list[str]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        for split in ("train", "validation"):
+            self.documents(split)
+
+    def vocab_size(self, tokenizer: Tokenizer) -> int:
+        return tokenizer.vocab_size
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
+        import grain
+
+        pieces = [p for text in self.documents("train") for p in split_into_pieces(text)]
+        if len(pieces) < process_count:
+            raise DataError(f"config.data.corpus: {self} has {len(pieces)} training pieces, fewer than {process_count} processes")
+        eos = np.asarray([tokenizer.eos_id], dtype=np.int32)
+
+        def encode(piece: Document) -> dict:
+            ids = np.asarray(tokenizer.encode(piece.text), dtype=np.int32)
+            return {"tokens": np.concatenate([ids, eos]) if piece.last else ids}
+
+        ds = grain.MapDataset.source(pieces)[process_index::process_count]
+        # shuffle before repeat: each epoch gets its own order and epochs do not mix.
+        ds = ds.shuffle(seed).repeat().map(encode)
+        packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": length})
+        # The packer adds segment ids and positions; the models do not take them (packing without
+        # document masks, as in GPT-style pretraining), so only the tokens go on.
+        return packed.map(lambda row: {"tokens": row["tokens"]})
+
+    def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
+        eos = [tokenizer.eos_id]
+        return np.concatenate(
+            [np.concatenate([np.asarray(tokenizer.encode(t), np.int32), eos]) for t in self.documents("validation")]
+        ).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShakespeareCorpus(TextCorpus):
+    """The shipped Shakespeare works (``DataConfig.corpus = "shakespeare"``)."""
+
+    def __str__(self) -> str:
+        return "shakespeare"
+
+    def check(self) -> None:
         if not os.path.exists(SHAKESPEARE_ARCHIVE):
             raise DataError(f"config.data.corpus: the shipped corpus {SHAKESPEARE_ARCHIVE} is missing")
-        return
-    if not os.path.isdir(corpus):
-        raise DataError(f"config.data.corpus: {corpus} is not 'shakespeare' or an existing directory")
-    if is_token_corpus(corpus):
-        for split in ("train", "validation"):
-            _token_stream(corpus, split)
-    else:
-        for split in ("train", "validation"):
-            _text_directory_documents(corpus, split)
 
-
-def corpus_vocab_size(corpus: str, tokenizer: Tokenizer) -> int:
-    """The number of token ids the model must cover for this corpus."""
-    if corpus != "shakespeare" and is_token_corpus(corpus):
-        return _token_stream(corpus, "train")[1]["vocab_size"]
-    return tokenizer.vocab_size
-
-
-def documents(corpus: str, split: str) -> list[str]:
-    if corpus == "shakespeare":
+    def documents(self, split: str) -> list[str]:
         return shakespeare_documents(split)
-    return _text_directory_documents(corpus, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDirectoryCorpus(TextCorpus):
+    """``<path>/train/`` and ``<path>/validation/`` of ``*.txt`` and ``*.jsonl`` documents."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+    def check(self) -> None:
+        _check_directory(self.path)
+        super().check()
+
+    def documents(self, split: str) -> list[str]:
+        return _text_directory_documents(self.path, split)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCorpus(Corpus):
+    """``<path>/{train,validation}.bin`` token streams described by ``<path>/meta.json``, read by
+    memory map in windows of consecutive tokens."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path
+
+    def stream(self, split: str) -> tuple[np.ndarray, dict]:
+        """(the memory-mapped tokens of `split`, meta.json)."""
+        return _token_stream(self.path, split)
+
+    def check(self) -> None:
+        _check_directory(self.path)
+        for split in ("train", "validation"):
+            self.stream(split)
+
+    def vocab_size(self, tokenizer: Tokenizer) -> int:
+        return self.stream("train")[1]["vocab_size"]
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
+        import grain
+
+        source = grain.MapDataset.source(_Windows(self.stream("train")[0], length))
+        if len(source) < process_count:
+            raise DataError(f"config.data.corpus: {self}/train.bin holds fewer than {process_count} rows of {length} tokens")
+        return source[process_index::process_count].shuffle(seed).repeat().to_iter_dataset()
+
+    def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
+        stream = self.stream("validation")[0]
+        # Slice the memory map before converting: only the tokens evaluated are read.
+        return np.asarray(stream[: max_tokens + 1] if max_tokens is not None else stream, dtype=np.int32)
+
+
+def _check_directory(path: str) -> None:
+    if not os.path.isdir(path):
+        raise DataError(f"config.data.corpus: {path} is not 'shakespeare' or an existing directory")
+
+
+def open_corpus(corpus: str | Corpus) -> Corpus:
+    """The corpus `DataConfig.corpus` names: "shakespeare", a directory with meta.json (tokens),
+    or any other path (a text directory). Nothing is read yet; `check()` reads it."""
+    if isinstance(corpus, Corpus):
+        return corpus
+    if corpus == "shakespeare":
+        return ShakespeareCorpus()
+    if is_token_corpus(corpus):
+        return TokenCorpus(corpus)
+    return TextDirectoryCorpus(corpus)
+
+
+def check_corpus(corpus: str | Corpus) -> None:
+    """Raises DataError naming the path when the corpus is not there (before any compilation)."""
+    open_corpus(corpus).check()
+
+
+def corpus_vocab_size(corpus: str | Corpus, tokenizer: Tokenizer) -> int:
+    """The number of token ids the model must cover for this corpus."""
+    return open_corpus(corpus).vocab_size(tokenizer)
+
+
+def documents(corpus: str | Corpus, split: str) -> list[str]:
+    """The text documents of one split of a text corpus."""
+    opened = open_corpus(corpus)
+    if not isinstance(opened, TextCorpus):
+        raise DataError(f"config.data.corpus: {opened} is a pre-tokenized corpus, not text documents")
+    return opened.documents(split)
 
 
 def write_token_split(documents_: Iterable[str], tokenizer: Tokenizer, corpus_dir: str, split: str) -> int:
@@ -267,7 +407,7 @@ class _Windows:
 
 
 def train_dataset(
-    corpus: str,
+    corpus: str | Corpus,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -281,55 +421,24 @@ def train_dataset(
     Infinite. Call ``iter()`` on it; the iterator's ``get_state()`` / ``set_state()`` (or
     ``grain.checkpoint.CheckpointSave``) capture the exact position.
     """
-    import grain
-
-    length = seq_len + 1
-    if corpus != "shakespeare" and is_token_corpus(corpus):
-        stream, _ = _token_stream(corpus, "train")
-        source = grain.MapDataset.source(_Windows(stream, length))
-        if len(source) < process_count:
-            raise DataError(f"config.data.corpus: {corpus}/train.bin holds fewer than {process_count} rows of {length} tokens")
-        ds = source[process_index::process_count].shuffle(seed).repeat()
-        return ds.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
-
-    pieces = [p for text in documents(corpus, "train") for p in split_into_pieces(text)]
-    if len(pieces) < process_count:
-        raise DataError(f"config.data.corpus: {corpus} has {len(pieces)} training pieces, fewer than {process_count} processes")
-    eos = np.asarray([tokenizer.eos_id], dtype=np.int32)
-
-    def encode(piece: Document) -> dict:
-        ids = np.asarray(tokenizer.encode(piece.text), dtype=np.int32)
-        return {"tokens": np.concatenate([ids, eos]) if piece.last else ids}
-
-    ds = grain.MapDataset.source(pieces)[process_index::process_count]
-    # shuffle before repeat: each epoch gets its own order and epochs do not mix.
-    ds = ds.shuffle(seed).repeat().map(encode)
-    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": length})
-    # The packer adds segment ids and positions; the models do not take them (packing without
-    # document masks, as in GPT-style pretraining), so only the tokens go on.
-    packed = packed.map(lambda row: {"tokens": row["tokens"]})
-    return packed.batch(local_batch_size, drop_remainder=True)
+    rows = open_corpus(corpus).train_rows(
+        tokenizer, length=seq_len + 1, seed=seed, process_index=process_index, process_count=process_count
+    )
+    return rows.batch(local_batch_size, drop_remainder=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation batches
 
 
-def validation_rows(corpus: str, tokenizer: Tokenizer, *, seq_len: int, max_tokens: int | None = None):
+def validation_rows(corpus: str | Corpus, tokenizer: Tokenizer, *, seq_len: int, max_tokens: int | None = None):
     """Held-out tokens as rows: tokens int32 [rows, seq_len + 1], weights float32 [rows, seq_len].
 
     Rows overlap by one token so each held-out token after the first is a target exactly once; the
     last row is padded with weight 0. `max_tokens` keeps only the first that many targets.
     """
-    if corpus != "shakespeare" and is_token_corpus(corpus):
-        stream = _token_stream(corpus, "validation")[0]
-        # Slice the memory map before converting: only the tokens evaluated are read.
-        stream = np.asarray(stream[: max_tokens + 1] if max_tokens is not None else stream, dtype=np.int32)
-    else:
-        eos = [tokenizer.eos_id]
-        stream = np.concatenate(
-            [np.concatenate([np.asarray(tokenizer.encode(t), np.int32), eos]) for t in documents(corpus, "validation")]
-        ).astype(np.int32)
+    corpus = open_corpus(corpus)
+    stream = corpus.validation_stream(tokenizer, max_tokens)
     if max_tokens is not None:
         stream = stream[: max_tokens + 1]
     targets = len(stream) - 1

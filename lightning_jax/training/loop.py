@@ -1,9 +1,9 @@
-"""`train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`: the training run.
+"""`train_and_evaluate(config, workdir)`: the training loop, and `load_model`.
 
-A run: build the mesh and the sharded model, restore the latest checkpoint if there is one (model,
-optimizer, step, RNG and data position), then step; log, evaluate and checkpoint on their intervals;
-save at the end. On SIGTERM (or a JAX preemption notice in multi-process runs) the current step is
-saved and the function returns cleanly.
+A run: build the mesh and the sharded model (`run.setup_run`), restore the latest checkpoint if
+there is one (model, optimizer, step, RNG and data position), then step; log, evaluate
+(`evaluation.Evaluator`) and checkpoint on their intervals; save at the end. On SIGTERM (or a JAX
+preemption notice in multi-process runs) the current step is saved and the function returns cleanly.
 
 Multi-process: call `jax.distributed.initialize()` first (the CLI does). Every process runs the same
 code and feeds its own slice of each batch; only process 0 writes metrics and shows progress.
@@ -14,149 +14,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
-import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax.training import checkpoint as ckpt
 from lightning_jax.training import data as data_lib
 from lightning_jax.training import metrics as metrics_lib
-from lightning_jax.training import optim, step as step_lib
-from lightning_jax.training.config import ConfigError, ModelSpec, TrainConfig
+from lightning_jax.training import step as step_lib
+from lightning_jax.training.config import ConfigError, TrainConfig
+from lightning_jax.training.evaluation import Evaluator
+from lightning_jax.training.run import Run, as_config, global_batch, restore_run, setup_run
 
 
 # ----------------------------------------------------------------------------------------------
-# Model from config
+# Checkpoint contents besides the train state
 
 
-def build_model_config(spec: ModelSpec):
-    """The frozen model config: `spec.preset` of TNLConfig / TransformerConfig with `spec.overrides`."""
-    from lightning_jax import models
-
-    cls = {"tnl": models.TNLConfig, "transformer": models.TransformerConfig}[spec.arch]
-    preset = getattr(cls, spec.preset, None)
-    presets = sorted(n for n, v in vars(cls).items() if isinstance(v, classmethod))
-    if spec.preset not in presets:
-        raise ConfigError(f"config.model.preset: got {spec.preset!r}, expected one of {presets} for {spec.arch}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for name in spec.overrides:
-        if name not in fields:
-            raise ConfigError(f"config.model.{name}: unknown field of {cls.__name__}, expected one of {sorted(fields)}")
-    try:
-        return preset(**spec.overrides)
-    except (TypeError, ValueError) as e:
-        # The model configs' messages start with the field name.
-        raise ConfigError(f"config.model.{e}") from e
-
-
-def model_class(arch: str):
-    from lightning_jax import models
-
-    name = {"tnl": "TNL", "transformer": "Transformer"}[arch]
-    cls = getattr(models, name, None)
-    if cls is None:
-        raise ConfigError(f"config.model.arch: {arch!r} needs lightning_jax.models.{name}, which this version lacks")
-    return cls
-
-
-# ----------------------------------------------------------------------------------------------
-# Set-up shared by training and evaluation
-
-
-@dataclasses.dataclass
-class _Run:
-    config: TrainConfig
-    workdir: str
-    tokenizer: Any
-    model_config: Any
-    mesh: jax.sharding.Mesh
-    batch_sharding: NamedSharding
-    graphdef: Any
-    state: dict
-    tx: Any
-    schedule: Any
-
-
-def _as_config(config, workdir: str | None) -> TrainConfig:
-    if not isinstance(config, TrainConfig):
-        if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-            config = config.to_dict()
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"config: got {type(config).__name__}, expected TrainConfig or a mapping")
-        config = dict(config)
-        if workdir is not None:
-            config["workdir"] = workdir
-        config = TrainConfig.from_dict(config)
-    elif workdir is not None:
-        config = dataclasses.replace(config, workdir=workdir)
-    return config
-
-
-def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
-    from lightning_jax.models import make_mesh
-
-    m = config.mesh
-    try:
-        return make_mesh(m.data, m.fsdp, m.tensor)
-    except ValueError as e:
-        raise ConfigError(f"config.mesh: {e}") from e
-
-
-def _check_batch(name: str, batch: int, mesh, divisor_note: str = "") -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    procs = jax.process_count()
-    if batch % shards or batch % procs:
-        raise ConfigError(
-            f"config.{name}: got {batch}, expected a multiple of the batch shards (data x fsdp = {shards}) "
-            f"and of the {procs} processes{divisor_note}"
-        )
-
-
-def _setup(config: TrainConfig, tokenizer=None) -> _Run:
-    data_lib.check_corpus(config.data.corpus)
-    tokenizer = tokenizer or data_lib.make_tokenizer(config.data.tokenizer)
-    model_config = build_model_config(config.model)
-    needed = data_lib.corpus_vocab_size(config.data.corpus, tokenizer)
-    if model_config.vocab_size < needed:
-        raise ConfigError(f"config.model.vocab_size: got {model_config.vocab_size}, expected >= {needed} (the tokenizer's)")
-    mesh = _make_mesh(config)
-    _check_batch("data.batch_size", config.data.batch_size // config.optim.grad_accum_steps, mesh,
-                 " (per microbatch: data.batch_size / optim.grad_accum_steps)")
-    if config.eval.batch_size:
-        _check_batch("eval.batch_size", config.eval.batch_size, mesh)
-
-    from lightning_jax.models import batch_sharding, create_sharded_model
-
-    cls = model_class(config.model.arch)
-    model = create_sharded_model(lambda: cls(model_config, rngs=nnx.Rngs(config.seed)), mesh)
-    schedule = optim.learning_rate_schedule(config.optim, config.steps)
-    tx = optim.make_optimizer(config.optim, config.steps)
-    with jax.set_mesh(mesh):
-        graphdef, state = step_lib.init_train_state(model, tx, config.seed)
-    return _Run(config, config.workdir, tokenizer, model_config, mesh, batch_sharding(mesh), graphdef, state, tx, schedule)
-
-
-def _global_batch(run: _Run, local: np.ndarray, global_rows: int) -> jax.Array:
-    """This process's rows -> one global array sharded over the batch axes."""
-    return jax.make_array_from_process_local_data(run.batch_sharding, local, (global_rows, *local.shape[1:]))
-
-
-def _local_rows(x: np.ndarray) -> np.ndarray:
-    """This process's contiguous share of a global batch that every process holds whole."""
-    rows = x.shape[0] // jax.process_count()
-    return x[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-
-
-def _meta(run: _Run, step: int) -> dict:
+def _meta(run: Run, step: int) -> dict:
     return {
         "step": step,
         "process_count": jax.process_count(),
@@ -176,69 +56,6 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-class Evaluator:
-    """Validation loss over the held-out rows: `evaluator(state) -> {"eval_loss", ...}`.
-
-    Both paths compute sum(loss * weight) and sum(weight) per global batch and add the batches in
-    float64 on the host: "jit" as one sharded program over the mesh (the same layout as training);
-    "pmap" with `jax.pmap` over this process's devices and a psum over all devices.
-    """
-
-    def __init__(self, run: _Run, *, pmap: bool | None = None):
-        self.run = run
-        cfg = run.config
-        self.pmap = cfg.eval.pmap if pmap is None else pmap
-        self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
-        if self.pmap and self.batch_size % jax.device_count():
-            raise ConfigError(
-                f"config.eval.batch_size: got {self.batch_size}, expected a multiple of the "
-                f"{jax.device_count()} devices for eval.pmap"
-            )
-        self.tokens, self.weights = data_lib.validation_rows(
-            cfg.data.corpus, run.tokenizer, seq_len=cfg.data.seq_len, max_tokens=cfg.eval.max_tokens or None
-        )
-        self._jit = step_lib.make_eval_sums(run.graphdef)
-        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef) if self.pmap else None
-
-    def __call__(self, state) -> dict[str, float]:
-        total = count = 0.0
-        if self.pmap:
-            params, rest = self._local_replicas(state)
-            devices = jax.local_device_count()
-        for tokens, weights in data_lib.validation_batches(self.tokens, self.weights, self.batch_size):
-            tokens, weights = _local_rows(tokens), _local_rows(weights)
-            if self.pmap:
-                s, n = self._pmap(
-                    params, rest,
-                    tokens.reshape(devices, -1, tokens.shape[-1]),
-                    weights.reshape(devices, -1, weights.shape[-1]),
-                )
-                s, n = s[0], n[0]
-            else:
-                with jax.set_mesh(self.run.mesh):
-                    s, n = self._jit(
-                        state["params"], state["rest"],
-                        _global_batch(self.run, tokens, self.batch_size),
-                        _global_batch(self.run, weights, self.batch_size),
-                    )
-            total += float(s)
-            count += float(n)
-        loss = total / count
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(count)}
-
-    def _local_replicas(self, state):
-        """Whole copies of params and rest on this process (pmap broadcasts them to its devices)."""
-        replicated = NamedSharding(self.run.mesh, P())
-        tree = (state["params"], state["rest"])
-        with jax.set_mesh(self.run.mesh):
-            tree = jax.jit(lambda t: t, out_shardings=replicated)(tree)
-        return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +100,8 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
 
     Returns the last logged metrics plus `step` and `preempted`.
     """
-    config = _as_config(config, workdir)
-    run = _setup(config, tokenizer)
+    config = as_config(config, workdir)
+    run = setup_run(config, tokenizer)
     cfg = run.config
     is_main = jax.process_index() == 0
 
@@ -302,8 +119,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
         meta = manager.restore(manager.latest_step(), args=_meta_only())["meta"]
         if meta.get("process_count", 1) != jax.process_count():
             raise ConfigError(
-                f"config.workdir: {ckpt.checkpoint_dir(cfg.workdir)} was written by {meta['process_count']} "
-                f"processes; the data iterator resumes only with the same number (got {jax.process_count()})"
+                "config.workdir",
+                f"{ckpt.checkpoint_dir(cfg.workdir)} was written by {meta['process_count']} processes; "
+                f"the data iterator resumes only with the same number (got {jax.process_count()})",
             )
         state, _ = ckpt.restore(manager, state, data_iterator)
         start_step = int(state["step"])
@@ -331,7 +149,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
         while step < cfg.steps:
             local = next(data_iterator)["tokens"]
             with jax.set_mesh(run.mesh):
-                state, step_metrics = train_step(state, _global_batch(run, local, cfg.data.batch_size))
+                state, step_metrics = train_step(state, global_batch(run, local, cfg.data.batch_size))
             step += 1
             interval_steps += 1
             progress.update(1)
@@ -406,44 +224,12 @@ class _NoProgress(contextlib.nullcontext):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation only
-
-
-def _restore_run(config, tokenizer, step: int | None):
-    """(run, restored train state) of checkpoint `step` (default: newest) of config.workdir."""
-    missing = data_lib.DataError(f"config.workdir: no checkpoints in {ckpt.checkpoint_dir(config.workdir)}")
-    if not os.path.isdir(ckpt.checkpoint_dir(config.workdir)):
-        raise missing
-    run = _setup(config, tokenizer)
-    manager = ckpt.make_manager(config.workdir, config.checkpoint, read_only=True)
-    try:
-        restored = ckpt.restore(manager, run.state, step=step)
-    finally:
-        manager.close()
-    if restored is None:
-        raise missing
-    return run, restored[0]
-
-
-def evaluate(config, workdir: str | None = None, *, step: int | None = None, pmap: bool | None = None,
-             tokenizer=None, write_metrics: bool = True) -> dict[str, Any]:
-    """Restores checkpoint `step` (default: latest) of `workdir` onto this config's mesh and returns
-    {"step", "eval_loss", "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl
-    (marked "mode": "eval") unless `write_metrics` is False."""
-    config = _as_config(config, workdir)
-    run, state = _restore_run(config, tokenizer, step)
-    run.state = None
-    row = {"step": int(state["step"]), **Evaluator(run, pmap=pmap)(state)}
-    if write_metrics:
-        writer = metrics_lib.MetricsWriter(config.workdir)
-        writer.write({**row, "mode": "eval"})
-        writer.close()
-    return row
+# A trained model
 
 
 def load_model(config, workdir: str | None = None, *, step: int | None = None, tokenizer=None) -> nnx.Module:
     """The model of checkpoint `step` (default: newest) of `workdir` as an nnx module, its parameters
     sharded on this config's mesh (e.g. for `lightning_jax.generate`). Restores the whole train state
     (Orbax restores by structure) and keeps the model part."""
-    run, state = _restore_run(_as_config(config, workdir), tokenizer, step)
+    run, state = restore_run(as_config(config, workdir), tokenizer, step)
     return nnx.merge(run.graphdef, state["params"], state["rest"])

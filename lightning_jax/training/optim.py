@@ -31,7 +31,8 @@ def learning_rate_schedule(config: OptimConfig, total_steps: int) -> optax.Sched
     )
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """A pytree key path as "a/b/0" (dict keys, attribute names and sequence indices joined by /)."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -48,7 +49,7 @@ def weight_decay_mask(params):
     embedding, norm, scale, bias or LRPE angle. A pytree of bools shaped like `params`."""
 
     def decays(path, leaf) -> bool:
-        return getattr(leaf, "ndim", 0) >= 2 and not NO_DECAY_PATTERN.search(_path_name(path))
+        return getattr(leaf, "ndim", 0) >= 2 and not NO_DECAY_PATTERN.search(path_name(path))
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

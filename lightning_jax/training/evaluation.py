@@ -1,0 +1,90 @@
+"""Validation loss: the `Evaluator` (a jit path over the mesh and a `jax.pmap` path) and
+`evaluate(config, workdir)`, which restores a checkpoint and evaluates it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lightning_jax.checks import fail
+from lightning_jax.training import data as data_lib
+from lightning_jax.training import metrics as metrics_lib
+from lightning_jax.training import step as step_lib
+from lightning_jax.training.config import ConfigError
+from lightning_jax.training.run import Run, as_config, global_batch, local_rows, restore_run
+
+
+class Evaluator:
+    """Validation loss over the held-out rows: `evaluator(state) -> {"eval_loss", ...}`.
+
+    Both paths compute sum(loss * weight) and sum(weight) per global batch and add the batches in
+    float64 on the host: "jit" as one sharded program over the mesh (the same layout as training);
+    "pmap" with `jax.pmap` over this process's devices and a psum over all devices.
+    """
+
+    def __init__(self, run: Run, *, pmap: bool | None = None):
+        self.run = run
+        cfg = run.config
+        self.pmap = cfg.eval.pmap if pmap is None else pmap
+        self.batch_size = cfg.eval.batch_size or cfg.data.batch_size
+        if self.pmap and self.batch_size % jax.device_count():
+            fail("config.eval.batch_size", self.batch_size,
+                 f"a multiple of the {jax.device_count()} devices for eval.pmap", kind=ConfigError)
+        self.tokens, self.weights = data_lib.validation_rows(
+            cfg.data.corpus, run.tokenizer, seq_len=cfg.data.seq_len, max_tokens=cfg.eval.max_tokens or None
+        )
+        self._jit = step_lib.make_eval_sums(run.graphdef)
+        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef) if self.pmap else None
+
+    def __call__(self, state) -> dict[str, float]:
+        total = count = 0.0
+        if self.pmap:
+            params, rest = self._local_replicas(state)
+            devices = jax.local_device_count()
+        for tokens, weights in data_lib.validation_batches(self.tokens, self.weights, self.batch_size):
+            tokens, weights = local_rows(tokens), local_rows(weights)
+            if self.pmap:
+                s, n = self._pmap(
+                    params, rest,
+                    tokens.reshape(devices, -1, tokens.shape[-1]),
+                    weights.reshape(devices, -1, weights.shape[-1]),
+                )
+                s, n = s[0], n[0]
+            else:
+                with jax.set_mesh(self.run.mesh):
+                    s, n = self._jit(
+                        state["params"], state["rest"],
+                        global_batch(self.run, tokens, self.batch_size),
+                        global_batch(self.run, weights, self.batch_size),
+                    )
+            total += float(s)
+            count += float(n)
+        loss = total / count
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(count)}
+
+    def _local_replicas(self, state):
+        """Whole copies of params and rest on this process (pmap broadcasts them to its devices)."""
+        replicated = NamedSharding(self.run.mesh, P())
+        tree = (state["params"], state["rest"])
+        with jax.set_mesh(self.run.mesh):
+            tree = jax.jit(lambda t: t, out_shardings=replicated)(tree)
+        return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+def evaluate(config, workdir: str | None = None, *, step: int | None = None, pmap: bool | None = None,
+             tokenizer=None, write_metrics: bool = True) -> dict[str, Any]:
+    """Restores checkpoint `step` (default: latest) of `workdir` onto this config's mesh and returns
+    {"step", "eval_loss", "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl
+    (marked "mode": "eval") unless `write_metrics` is False."""
+    config = as_config(config, workdir)
+    run, state = restore_run(config, tokenizer, step)
+    run.state = None
+    row = {"step": int(state["step"]), **Evaluator(run, pmap=pmap)(state)}
+    if write_metrics:
+        writer = metrics_lib.MetricsWriter(config.workdir)
+        writer.write({**row, "mode": "eval"})
+        writer.close()
+    return row
