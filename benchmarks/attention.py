@@ -107,7 +107,7 @@ def check_one(time_, dim, dtype, seed):
 
     # rates go in as a traced argument: closed over, they would make every decay matrix of the
     # reference ([heads, 512, 512] per chunk) a compile-time constant for XLA to fold. Cases still
-    # take 5-95 s each on the GPU (session 6), mostly compiling.
+    # take 5-95 s each on an H200, mostly compiling.
     def ours(q, k, v, s_in, rates):
         return lightning_attention(
             q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"

@@ -33,7 +33,7 @@ SCANS = {  # G chunks per step, state elements per program
     "g16_t1024": C(scan_group=16, scan_tile=1024),
     "g16_t256": C(scan_group=16, scan_tile=256),
     "g8_t512": C(scan_group=8, scan_tile=512),
-    "g1_t1024": C(scan_group=1, scan_tile=1024),  # one row per step: session 3's loop
+    "g1_t1024": C(scan_group=1, scan_tile=1024),  # one row per step (the first scan's loop)
 }
 STATES = {  # value tile, block, stages, warps
     "default": C(),

@@ -37,8 +37,9 @@ CONFIGS = {
     "scan256": C(scan_tile=256),
     "fwd_s1": C(num_stages=1),
     "bwd_s1": C(bwd_num_stages=1),
-    # Chunk rule: session 5's (up to 2048 tokens, >= 264 programs), one wave, four waves.
-    "chunks_session5": C(chunk=2048, chunk_programs=264),
+    # Chunk rule: chunks up to 2048 tokens with >= one wave of programs (the rule before the
+    # current one), then one and four waves of programs.
+    "chunks2048_one_wave": C(chunk=2048, chunk_programs=264),
     "chunk_programs256": C(chunk_programs=256),
     "chunk_programs1024": C(chunk_programs=1024),
     "wide_t32_w4": C(wide_tile=32, wide_num_warps=4, wide_bwd_num_warps=4),

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lightning_jax import checks
+
 
 def generate(
     model: nnx.Module,
@@ -45,23 +47,22 @@ def generate(
     """
     prompt_tokens = jnp.asarray(prompt_tokens)
     if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"prompt_tokens: got shape {prompt_tokens.shape} dtype {prompt_tokens.dtype}, "
-            "expected int [batch, prompt_len]"
+        raise checks.ArgumentError(
+            "prompt_tokens",
+            f"got shape {prompt_tokens.shape} dtype {prompt_tokens.dtype}, expected int [batch, prompt_len]",
         )
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: got {max_new_tokens!r}, expected a positive integer")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: got {top_k!r}, expected a positive integer or None")
-    if top_p is not None and not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p: got {top_p!r}, expected a float in (0, 1] or None")
-    if isinstance(temperature, (int, float)) and temperature < 0:
-        raise ValueError(f"temperature: got {temperature!r}, expected >= 0 (0 = greedy)")
+    checks.check_int("max_new_tokens", max_new_tokens, minimum=1)
+    if top_k is not None:
+        checks.check_int("top_k", top_k, minimum=1)
+    if top_p is not None:
+        checks.check_float("top_p", top_p, low=0.0, high=1.0, open_low=True)
+    if not isinstance(temperature, jax.Array):  # a traced temperature is trusted
+        checks.check_float("temperature", temperature, low=0.0)
     if pad_mask is None:
         # Leading pads only: a pad_id inside the prompt is a real token.
         pad_mask = jnp.cumsum(prompt_tokens != pad_id, axis=1) > 0
     elif pad_mask.shape != prompt_tokens.shape:
-        raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected {prompt_tokens.shape}")
+        raise checks.ArgumentError("pad_mask", f"got shape {pad_mask.shape}, expected {prompt_tokens.shape}")
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, prompt_tokens.astype(jnp.int32), jnp.asarray(pad_mask, bool), rng,

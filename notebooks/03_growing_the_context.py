@@ -49,7 +49,25 @@ from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig
 from lightning_jax.training.step import loss_sums
 
 SMOKE = os.environ.get("LIGHTNING_JAX_SMOKE") == "1"  # CI runs every notebook small and fast
-ROOT = pathlib.Path.cwd() if (pathlib.Path.cwd() / "docs").exists() else pathlib.Path.cwd().parent
+
+
+def find_repo_root():
+    """The repository (the folder with pyproject.toml and docs/), searched upward from this file's
+    folder, then from the current directory (in Jupyter `__file__` is not defined, and the kernel
+    starts in the notebook's folder). None if neither is inside the repository."""
+    starts = [pathlib.Path.cwd().resolve()]
+    if "__file__" in globals():
+        starts.insert(0, pathlib.Path(__file__).resolve().parent)
+    for start in starts:
+        for folder in (start, *start.parents):
+            if (folder / "pyproject.toml").is_file() and (folder / "docs").is_dir():
+                return folder
+    print("repository root not found: no folder with pyproject.toml and docs/ above",
+          " or ".join(map(str, starts)), "(the GPU part below is skipped)")
+    return None
+
+
+ROOT = find_repo_root() or pathlib.Path.cwd()  # without the repository, the docs/ checks below skip
 print("jax", jax.__version__, "on", jax.default_backend(), f"({jax.devices()[0].device_kind})")
 
 # %%

@@ -359,3 +359,115 @@ def test_config_overrides_and_schedules():
         config.num_layers = 3  # type: ignore[misc]
     with pytest.raises(TypeError, match="config"):
         TNL(TransformerConfig.tiny(), rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint layout: state paths (and shapes) are pinned, so a refactor cannot silently move
+# parameters that checkpoints, sharding rules and optimizer masks address by path.
+
+
+def _tnl_layer(group, lrpe=False, stacked=()):
+    leaves = {
+        "glu/w12": (64, 2, 128), "glu/w3": (128, 64), "mixer/out": (4, 16, 64), "mixer/qkvu": (64, 4, 4, 16),
+    }
+    if lrpe:
+        leaves["mixer/lrpe/theta"] = (4, 16)
+    return {("groups", group, *name.split("/")): (*stacked, *shape) for name, shape in leaves.items()}
+
+
+def _transformer_layer(group):
+    leaves = {
+        "attention/out": (4, 16, 64), "attention/qkv": (64, 3, 4, 16), "attention_norm/weight": (64,),
+        "mlp/w12": (64, 2, 128), "mlp/w3": (128, 64), "mlp_norm/weight": (64,),
+    }
+    return {("groups", group, *name.split("/")): shape for name, shape in leaves.items()}
+
+
+PINNED_STATE = {
+    "tnl-tiny": (TNLConfig.tiny(), {
+        ("embed",): (256, 64), **_tnl_layer(0, lrpe=True), **_tnl_layer(1), **_tnl_layer(2),
+    }),
+    "tnl-tiny-scan": (TNLConfig.tiny(scan_layers=True), {
+        ("embed",): (256, 64), **_tnl_layer(0, lrpe=True), **_tnl_layer(1, stacked=(2,)),
+    }),
+    "tnl-tiny-untied": (TNLConfig.tiny(tie_embeddings=False), {
+        ("embed",): (256, 64), ("lm_head",): (64, 256),
+        **_tnl_layer(0, lrpe=True), **_tnl_layer(1), **_tnl_layer(2),
+    }),
+    "transformer-tiny": (TransformerConfig.tiny(), {
+        ("embed",): (256, 64), ("final_norm", "weight"): (64,),
+        **_transformer_layer(0), **_transformer_layer(1), **_transformer_layer(2),
+    }),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_STATE))
+def test_state_paths_are_pinned(name):
+    config, expected = PINNED_STATE[name]
+    model = nnx.eval_shape(lambda: build(config))
+    # Every variable is a Param (no other state to checkpoint); group indices are int keys.
+    actual = {tuple(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model))}
+    assert actual == expected
+    assert len(nnx.to_flat_state(nnx.state(model, nnx.Param))) == len(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Named scopes reach the compiled program, through jit, scan and remat.
+
+
+@pytest.mark.parametrize("config, prefix", [
+    (dataclasses.replace(TNL_TEST, num_layers=4, scan_layers=True, remat="full"), "tnl"),
+    (dataclasses.replace(TRANSFORMER_TEST, remat="dots"), "transformer"),
+], ids=["tnl-scan-remat", "transformer-remat"])
+def test_named_scopes_reach_the_lowered_program(config, prefix):
+    import re
+
+    graphdef, state = nnx.split(build(config))
+    lowered = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, random_tokens(2, 8))
+    names = "\n".join(re.findall(r'loc\("([^"]*)"', lowered.as_text(debug_info=True)))
+    assert f"{prefix}/embed/" in names and f"{prefix}/lm_head/" in names
+    # Remat and scan add their own levels (checkpoint/, while/body/) between the layer and its parts.
+    groups = ("layer_0", "layers_1_3") if config.scan_layers else ("layer_0", "layer_2")
+    for group in groups:
+        for scope in ("token_mixer/attention", "channel_mixer"):
+            assert re.search(f"{prefix}/layers/{group}/(.*/)?{scope}/", names), (group, scope)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+@pytest.mark.parametrize("config", [TNL_TEST, TRANSFORMER_TEST], ids=["tnl", "transformer"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_empty_tokens_are_refused_naming_tokens(config, shape):
+    model = build(config)
+    with pytest.raises(ValueError, match=r"^tokens: got shape") as info:
+        model(jnp.zeros(shape, jnp.int32))
+    assert info.value.field == "tokens"
+    with pytest.raises(ValueError, match=r"^tokens: "):
+        model.prefill(jnp.zeros(shape, jnp.int32), max_new_tokens=2)
+
+
+def test_attention_implementations_follow_the_registry():
+    from lightning_jax.attention.registry import IMPLEMENTATIONS
+    from lightning_jax.models.config import ATTENTION_IMPLEMENTATIONS
+
+    assert ATTENTION_IMPLEMENTATIONS == (None, *IMPLEMENTATIONS)
+    for name in ATTENTION_IMPLEMENTATIONS:
+        assert TNLConfig.tiny(attention_implementation=name).attention_implementation == name
+
+
+def test_layer_stack_carries_per_layer_values_through_groups():
+    from lightning_jax.models.stack import LayerStack
+
+    stack = LayerStack(4, lambda layer, rngs: nnx.Linear(2, 2, rngs=rngs), kind=lambda layer: layer == 0,
+                       scan=True, rngs=nnx.Rngs(0))
+    assert stack.layout == ((0, 1), (1, 3)) and len(stack) == 2 and stack[1].kernel.shape == (3, 2, 2)
+    per_group = stack.per_layer(lambda layer: np.full((2,), layer, np.float32))
+    assert per_group[0].shape == (2,) and per_group[1].shape == (3, 2)
+    # Each layer adds its input and returns it: the outputs come back per group, in layer order.
+    x, outputs = nnx.jit(lambda s, x, xs: s(lambda m, x, v: (x + v, v), x, xs))(stack, jnp.zeros((2,)), per_group)
+    assert float(x[0]) == 0 + 1 + 2 + 3
+    assert [float(v[0]) for v in stack.unstack(outputs)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="inputs: got 1 per-group values"):
+        stack(lambda m, x, v: (x, None), jnp.zeros((2,)), per_group[:1])

@@ -11,18 +11,16 @@ import math
 
 import numpy as np
 
+from lightning_jax import checks
+
 
 def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: got {value!r}, expected a positive integer")
-    return int(value)
+    return checks.check_int(name, value, minimum=1)
 
 
 def _check_layer(layer, num_layers) -> tuple[int, int]:
     num_layers = _check_positive("num_layers", num_layers)
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < num_layers:
-        raise ValueError(f"layer: got {layer!r}, expected an integer in [0, {num_layers})")
-    return int(layer), num_layers
+    return checks.check_int("layer", layer, minimum=0, maximum=num_layers - 1), num_layers
 
 
 def alibi_slopes(heads: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Models: TransNormerLLM (`TNL`) and the LLaMA-style `Transformer` baseline, with configs and
-sharding helpers."""
+sharding helpers, and the registry of the two families by name (`registry`)."""
 
 from lightning_jax.models.config import TNLConfig, TransformerConfig
+from lightning_jax.models.registry import ARCHITECTURES, Architecture, build_model_config, model_class
 from lightning_jax.models.sharding import (
     DEFAULT_RULES,
     batch_sharding,
@@ -12,6 +13,8 @@ from lightning_jax.models.tnl import TNL, TNLCache
 from lightning_jax.models.transformer import Transformer, TransformerCache
 
 __all__ = [
+    "ARCHITECTURES",
+    "Architecture",
     "DEFAULT_RULES",
     "TNL",
     "TNLCache",
@@ -20,6 +23,8 @@ __all__ = [
     "TransformerCache",
     "TransformerConfig",
     "batch_sharding",
+    "build_model_config",
     "create_sharded_model",
     "make_mesh",
+    "model_class",
 ]

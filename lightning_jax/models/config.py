@@ -10,39 +10,26 @@ parameters (`num_params`) and their training FLOPs per token (`flops_per_token`,
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
+from lightning_jax.attention.registry import DEFAULT_BLOCK_SIZE, IMPLEMENTATIONS, next_power_of_2
 from lightning_jax.attention.schedules import SCHEDULES
+from lightning_jax.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_power_of_two,
+    fail,
+    is_int,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLEMENTATIONS = (None, "reference", "recurrent", "xla", "pallas")
+# None: lightning_attention's default for the backend (registry.default_implementation).
+ATTENTION_IMPLEMENTATIONS = (None, *IMPLEMENTATIONS)
 SOFTMAX_IMPLEMENTATIONS = (None, "xla", "cudnn")
-
-# Block size `flops_per_token` assumes when the config leaves it to the implementation.
-DEFAULT_FLOPS_BLOCK_SIZE = 64
-
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: got {value!r}, expected one of {list(choices)}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: got {value!r}, expected True or False")
-
-
-def _check_positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name}: got {value!r}, expected a positive finite float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,21 +54,19 @@ class _CommonConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "hidden_dim", "num_heads"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         if self.hidden_dim % self.num_heads:
-            raise ValueError(
-                f"num_heads: got {self.num_heads}, expected a divisor of hidden_dim={self.hidden_dim}"
-            )
+            fail("num_heads", self.num_heads, f"a divisor of hidden_dim={self.hidden_dim}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_dim // self.num_heads)
-        _check_int("head_dim", self.head_dim, minimum=1)
+        check_int("head_dim", self.head_dim, minimum=1)
         for name in ("tie_embeddings", "scale_embedding", "scan_layers"):
-            _check_bool(name, getattr(self, name))
-        _check_positive_float("norm_eps", self.norm_eps)
-        _check_positive_float("init_std", self.init_std)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("param_dtype", self.param_dtype, DTYPES)
-        _check_choice("remat", self.remat, REMAT_POLICIES)
+            check_bool(name, getattr(self, name))
+        check_float("norm_eps", self.norm_eps, low=0.0, open_low=True)
+        check_float("init_std", self.init_std, low=0.0, open_low=True)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("param_dtype", self.param_dtype, DTYPES)
+        check_choice("remat", self.remat, REMAT_POLICIES)
 
     @property
     def attention_dim(self) -> int:
@@ -111,28 +96,16 @@ class TNLConfig(_CommonConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("glu_dim", self.glu_dim, minimum=1)
+        check_int("glu_dim", self.glu_dim, minimum=1)
         if not isinstance(self.lrpe_layers, tuple) or any(
-            isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < self.num_layers
-            for l in self.lrpe_layers
+            not is_int(l) or not 0 <= l < self.num_layers for l in self.lrpe_layers
         ):
-            raise ValueError(
-                f"lrpe_layers: got {self.lrpe_layers!r}, expected a tuple of layer indices in "
-                f"[0, num_layers={self.num_layers})"
-            )
+            fail("lrpe_layers", self.lrpe_layers, f"a tuple of layer indices in [0, num_layers={self.num_layers})")
         if len(set(self.lrpe_layers)) != len(self.lrpe_layers):
-            raise ValueError(f"lrpe_layers: got {self.lrpe_layers!r}, expected no repeated layer")
-        _check_choice("decay", self.decay, tuple(SCHEDULES))
-        _check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, (int, np.integer))
-            or self.block_size < 1
-            or self.block_size & (self.block_size - 1)
-        ):
-            raise ValueError(
-                f"block_size: got {self.block_size!r}, expected a positive power of two or None"
-            )
+            fail("lrpe_layers", self.lrpe_layers, "no repeated layer")
+        check_choice("decay", self.decay, tuple(SCHEDULES))
+        check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+        check_power_of_two("block_size", self.block_size, allow_none=True)
 
     # Presets ---------------------------------------------------------------------------------
 
@@ -194,9 +167,11 @@ class TNLConfig(_CommonConfig):
         and token, forward ~ 2 C (dim_k + dim_v) (intra-block, C = block size) + 4 dim_k dim_v
         (inter-block), backward about twice that. Not the T^2 of softmax attention.
         """
-        _check_int("seq_len", seq_len, minimum=1)
+        check_int("seq_len", seq_len, minimum=1)
         matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_dim
-        block = min(self.block_size or DEFAULT_FLOPS_BLOCK_SIZE, 1 << (seq_len - 1).bit_length())
+        # The block size the op would use: the config's, else the implementations' default; a
+        # sequence shorter than that fills one block of the next power of two.
+        block = min(self.block_size or DEFAULT_BLOCK_SIZE, next_power_of_2(seq_len))
         attention = 0
         for layer in range(self.num_layers):
             dk, dv = self.key_dim(layer), self.head_dim
@@ -221,11 +196,11 @@ class TransformerConfig(_CommonConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("mlp_dim", self.mlp_dim, minimum=1)
-        _check_positive_float("rope_theta", self.rope_theta)
+        check_int("mlp_dim", self.mlp_dim, minimum=1)
+        check_float("rope_theta", self.rope_theta, low=0.0, open_low=True)
         if self.head_dim % 2:
-            raise ValueError(f"head_dim: got {self.head_dim}, expected an even number (RoPE rotates pairs)")
-        _check_choice("attention_implementation", self.attention_implementation, SOFTMAX_IMPLEMENTATIONS)
+            fail("head_dim", self.head_dim, "an even number (RoPE rotates pairs)")
+        check_choice("attention_implementation", self.attention_implementation, SOFTMAX_IMPLEMENTATIONS)
 
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
@@ -264,7 +239,7 @@ class TransformerConfig(_CommonConfig):
         """Training FLOPs per token: 6 x matmul parameters (lm_head included) plus causal softmax
         attention, 6 x layers x heads x head_dim x seq_len (QK^T and PV over on average seq_len / 2
         keys, forward and backward)."""
-        _check_int("seq_len", seq_len, minimum=1)
+        check_int("seq_len", seq_len, minimum=1)
         matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_dim
         attention = 6 * self.num_layers * self.attention_dim * seq_len
         return float(6 * matmul + attention)

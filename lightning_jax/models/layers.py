@@ -1,21 +1,20 @@
-"""Building blocks shared by the models: parameters with logical axes, norms, and layer stacks.
+"""Building blocks shared by the models: parameters with logical axes, norms, the gated MLP, token
+checks, embedding and LM head. The layer stack (groups, scan, remat) is in `models.stack`.
 
-Layer stacks: consecutive layers of the same structure form a group. With `scan_layers` a group of
-n > 1 layers is created once with `nnx.vmap` (parameters stacked on a leading "layers" axis) and
-applied with `lax.scan`; otherwise every layer is its own group, applied in a Python loop. Either
-way a group is applied through `nnx.split` / `nnx.merge` inside a pure function, which is what
-`jax.checkpoint` (the remat policy) and `lax.scan` need, and what survives NNX's tree mode.
+Module calls open a `jax.named_scope` (embed, channel_mixer, lm_head, ...) so that profiles and
+HLO dumps name the model part each op belongs to; scopes cost nothing at run time.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Hashable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lightning_jax.checks import ArgumentError
 from lightning_jax.models.sharding import constrain, current_rules
 
 F32 = jnp.float32
@@ -57,6 +56,7 @@ class GatedMLP(nnx.Module):
         self.w12 = param(rngs, (hidden_dim, 2, width), ("embed", None, "mlp"), param_dtype, init_std)
         self.w3 = param(rngs, (width, hidden_dim), ("mlp", "embed"), param_dtype, init_std)
 
+    @jax.named_scope("channel_mixer")
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, time, D] -> [batch, time, D] in the compute dtype."""
         h1, h2 = jnp.einsum("btd,dfm->fbtm", x.astype(self.dtype), self.w12[...].astype(self.dtype))
@@ -66,12 +66,18 @@ class GatedMLP(nnx.Module):
 
 
 def check_tokens(tokens: jax.Array, pad_mask: jax.Array | None) -> None:
+    """tokens: int [batch, time] with batch, time >= 1; pad_mask: None or tokens' shape.
+
+    Empty token arrays are refused here, naming `tokens`, rather than deep in the attention op."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
+        raise ArgumentError("tokens", f"got shape {tokens.shape} dtype {tokens.dtype}, expected int [batch, time]")
+    if 0 in tokens.shape:
+        raise ArgumentError("tokens", f"got shape {tokens.shape}, expected at least one row and one token")
     if pad_mask is not None and pad_mask.shape != tokens.shape:
-        raise ValueError(f"pad_mask: got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
+        raise ArgumentError("pad_mask", f"got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
 
 
+@jax.named_scope("embed")
 def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool) -> jax.Array:
     """table [vocab, D], tokens [batch, ...] -> [batch, ..., D] in `dtype`, times sqrt(D) if `scale`."""
     x = jnp.take(table[...], tokens, axis=0).astype(dtype)
@@ -80,6 +86,7 @@ def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool) -> 
     return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+@jax.named_scope("lm_head")
 def lm_logits(x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype) -> jax.Array:
     """Normalised x [batch, time, D] -> float32 logits [batch, time, vocab], through the embedding
     table (tied) or a separate lm_head [D, vocab]."""
@@ -98,65 +105,3 @@ def positions_from_mask(pad_mask: jax.Array | None, batch: int, time: int) -> ja
     if pad_mask is None:
         return jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32), (batch, time))
     return jnp.maximum(jnp.cumsum(pad_mask.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def remat_policy(name: str):
-    """(use_remat, policy) for a config's `remat` field."""
-    return {
-        "none": (False, None),
-        "full": (True, None),  # save nothing: recompute the whole layer in the backward pass
-        "dots": (True, jax.checkpoint_policies.checkpoint_dots),
-        "dots_no_batch": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-    }[name]
-
-
-# ----------------------------------------------------------------------------------------------
-# Layer groups.
-
-
-def layer_groups(num_layers: int, kind: Callable[[int], Hashable], scan: bool) -> tuple[tuple[int, int], ...]:
-    """(first_layer, count) runs: maximal runs of equal `kind` when `scan`, else one per layer."""
-    if not scan:
-        return tuple((layer, 1) for layer in range(num_layers))
-    groups, first = [], 0
-    for layer in range(1, num_layers + 1):
-        if layer == num_layers or kind(layer) != kind(first):
-            groups.append((first, layer - first))
-            first = layer
-    return tuple(groups)
-
-
-def create_group(factory: Callable[[int, nnx.Rngs], nnx.Module], first: int, count: int,
-                 rngs: nnx.Rngs) -> nnx.Module:
-    """One layer (count == 1), or `count` layers stacked on a leading "layers" axis."""
-    if count == 1:
-        return factory(first, rngs)
-
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def create(rngs):
-        return factory(first, rngs)
-
-    return create(rngs)
-
-
-def apply_group(module: nnx.Module, count: int, fn: Callable, carry: Any, xs: Any, remat: str = "none"):
-    """Runs `fn(layer, carry, x) -> (carry, y)` over the group's layers.
-
-    For a stacked group (count > 1) `xs` has a leading [count] axis and the ys come back stacked;
-    otherwise x = xs. Remat wraps each layer, so the backward keeps one carry per layer."""
-    graphdef, state = nnx.split(module)
-    stacked = count > 1
-
-    def body(carry, inputs):
-        layer_state, x = inputs
-        if stacked:
-            layer_state = nnx.spmd.remove_axis(layer_state, 0, {nnx.PARTITION_NAME: "layers"})
-        return fn(nnx.merge(graphdef, layer_state), carry, x)
-
-    use_remat, policy = remat_policy(remat)
-    if use_remat:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=not stacked)
-    if stacked:
-        return jax.lax.scan(body, carry, (state, xs))
-    return body(carry, (state, xs))

@@ -9,6 +9,10 @@ dim_k, dim_v]; `decode` advances one token with the recurrence S = lambda S + k^
 cache never grows with the context. Left-padded batches are exact: k and v are zeroed at pad
 positions, so the state stays zero until a row's first real token, and positions (for LRPE) count
 from that token.
+
+The layers live in a `LayerStack` (models/stack.py) at `self.groups`; each TNLBlock is one layer.
+Named scopes make profiles read tnl/embed, tnl/layers/layer_<i>/{token_mixer/attention,
+channel_mixer} (layers_<first>_<last>/... for a scanned group), tnl/lm_head.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lightning_jax.attention import decode_step, lightning_attention
+from lightning_jax.checks import check_instance
 from lightning_jax.models import layers
 from lightning_jax.models.config import TNLConfig
 from lightning_jax.models.sharding import constrain, sharded_call
+from lightning_jax.models.stack import LayerStack
 
 F32 = jnp.float32
 
@@ -33,7 +38,7 @@ F32 = jnp.float32
 class TNLCache:
     """Decoding state: its size depends on batch and model, never on the context length.
 
-    states: one fp32 array per layer group (see `layers.layer_groups`): [batch, heads, dim_k, dim_v]
+    states: one fp32 array per layer group (see `LayerStack`): [batch, heads, dim_k, dim_v]
       for a single layer, [count, batch, heads, dim_k, dim_v] for a scanned stack. dim_k is
       2 x head_dim on LRPE layers. Use `TNL.layer_states(cache)` for a per-layer list.
     position: [batch] int32, the position of the next token of each row (real tokens so far).
@@ -97,6 +102,7 @@ class TokenMixer(nnx.Module):
         o = layers.srms_norm(o, self.config.norm_eps, axes=(-2, -1)).astype(dtype)
         return jnp.einsum("bthk,hkd->btd", u * o, self.out[...].astype(dtype))
 
+    @jax.named_scope("token_mixer")
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False):
         """x: [batch, time, D]; rates: [heads]; positions, pad_mask: [batch, time].
 
@@ -111,14 +117,17 @@ class TokenMixer(nnx.Module):
             )
 
         bthd, bhde = ("batch", None, "heads", None), ("batch", "heads", None, None)
-        o, state = sharded_call(attend, (q, k, v, rates, initial_state),
-                                (bthd, bthd, bthd, ("heads",), bhde), (bthd, bhde))
+        with jax.named_scope("attention"):
+            o, state = sharded_call(attend, (q, k, v, rates, initial_state),
+                                    (bthd, bthd, bthd, ("heads",), bhde), (bthd, bhde))
         return self._output(o, u), (state if return_state else None)
 
+    @jax.named_scope("token_mixer")
     def decode(self, x, rates, positions, state):
         """One token: x [batch, 1, D], positions [batch, 1], state fp32 [batch, heads, dim_k, dim_v]."""
         q, k, v, u = self._project(x, positions, None)
-        o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], rates, state)
+        with jax.named_scope("attention"):
+            o, state = decode_step(q[:, 0], k[:, 0], v[:, 0], rates, state)
         return self._output(o[:, None], u), state
 
 
@@ -155,26 +164,25 @@ class TNL(nnx.Module):
     """
 
     def __init__(self, config: TNLConfig, *, rngs: nnx.Rngs):
-        if not isinstance(config, TNLConfig):
-            raise TypeError(f"config: got {type(config).__name__}, expected TNLConfig")
-        c = config
-        self.config = c
+        c = self.config = check_instance("config", config, TNLConfig)
         self.embed = layers.param(rngs, (c.vocab_size, c.hidden_dim), ("vocab", "embed"), c.param_dtype, c.init_std)
-        self.groups_layout = layers.layer_groups(c.num_layers, c.uses_lrpe, c.scan_layers)
-        self.groups = nnx.List([
-            layers.create_group(lambda layer, r: TNLBlock(c, layer, rngs=r), first, count, rngs)
-            for first, count in self.groups_layout
-        ])
+        # LRPE layers have an extra parameter, so they never share a scanned group with others.
+        self.groups = LayerStack(c.num_layers, lambda layer, r: TNLBlock(c, layer, rngs=r), kind=c.uses_lrpe,
+                                 scan=c.scan_layers, remat=c.remat, rngs=rngs)
         self.lm_head = (None if c.tie_embeddings else
                         layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
 
+    @property
+    def groups_layout(self) -> tuple[tuple[int, int], ...]:
+        """(first_layer, count) of each layer group: `self.groups.layout`."""
+        return self.groups.layout
+
     # Pieces ----------------------------------------------------------------------------------
 
-    def _rates(self, first: int, count: int) -> np.ndarray:
-        """[heads] for one layer, [count, heads] for a stack: numpy constants, never trained."""
-        if count == 1:
-            return self.config.rates(first)
-        return np.stack([self.config.rates(layer) for layer in range(first, first + count)])
+    def _rates(self) -> tuple:
+        """Per-group decay rates: [heads] for one layer, [count, heads] for a scanned group. Numpy
+        constants, never trained."""
+        return self.groups.per_layer(self.config.rates)
 
     def _embed(self, tokens):
         return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
@@ -183,19 +191,18 @@ class TNL(nnx.Module):
         c = self.config
         return layers.lm_logits(layers.srms_norm(x, c.norm_eps), self.embed, self.lm_head, c.dtype)
 
+    @jax.named_scope("tnl")
     def _run(self, tokens, pad_mask, return_states: bool):
+        """-> (logits [batch, time, vocab] float32, per-group final states (None unless return_states))."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
-        x = self._embed(tokens)
-        states = []
-        for (first, count), group in zip(self.groups_layout, self.groups):
-            def layer_fn(block, x, rates):
-                return block(x, rates, positions, pad_mask, return_state=return_states)
 
-            x, state = layers.apply_group(group, count, layer_fn, x, self._rates(first, count), self.config.remat)
-            states.append(state)
-        return self._logits(x), tuple(states)
+        def layer(block, x, rates):
+            return block(x, rates, positions, pad_mask, return_state=return_states)
+
+        x, states = self.groups(layer, self._embed(tokens), self._rates())
+        return self._logits(x), states
 
     # Public API ------------------------------------------------------------------------------
 
@@ -217,6 +224,7 @@ class TNL(nnx.Module):
             position = jnp.sum(pad_mask.astype(jnp.int32), axis=1)
         return logits, TNLCache(states=states, position=position)
 
+    @jax.named_scope("tnl")
     def decode(self, token: jax.Array, cache: TNLCache) -> tuple[jax.Array, TNLCache]:
         """One step: token [batch] or [batch, 1] int -> (logits [batch, vocab] or [batch, 1, vocab]
         float32, the advanced cache)."""
@@ -225,21 +233,15 @@ class TNL(nnx.Module):
         if tokens.ndim != 2 or tokens.shape[1] != 1:
             raise ValueError(f"token: got shape {token.shape}, expected [batch] or [batch, 1]")
         positions = cache.position[:, None]
-        x = self._embed(tokens)
-        states = []
-        for (first, count), group, state in zip(self.groups_layout, self.groups, cache.states):
-            def layer_fn(block, x, inputs):
-                rates, state = inputs
-                return block.decode(x, rates, positions, state)
 
-            x, state = layers.apply_group(group, count, layer_fn, x, (self._rates(first, count), state))
-            states.append(state)
+        def layer(block, x, rates_and_state):
+            rates, state = rates_and_state
+            return block.decode(x, rates, positions, state)
+
+        x, states = self.groups.decode(layer, self._embed(tokens), tuple(zip(self._rates(), cache.states)))
         logits = self._logits(x)
-        return (logits[:, 0] if squeeze else logits), TNLCache(tuple(states), cache.position + 1)
+        return (logits[:, 0] if squeeze else logits), TNLCache(states, cache.position + 1)
 
     def layer_states(self, cache: TNLCache) -> list[jax.Array]:
         """The cache's states as one fp32 [batch, heads, dim_k, dim_v] array per layer."""
-        out = []
-        for (first, count), state in zip(self.groups_layout, cache.states):
-            out.extend([state] if count == 1 else list(state))
-        return out
+        return self.groups.unstack(cache.states)

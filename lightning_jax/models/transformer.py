@@ -7,6 +7,9 @@
 Attention is causal softmax with RoPE through `jax.nn.dot_product_attention` (cuDNN flash
 attention on GPU with `attention_implementation="cudnn"`). Generation keeps a KV cache of
 prompt + max_new_tokens positions, allocated by `prefill`.
+
+The layers live in a `LayerStack` (models/stack.py) at `self.groups`, as in TNL; profiles read
+transformer/layers/layer_<i>/{token_mixer/attention, channel_mixer}, as TNL's (named scopes).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lightning_jax.checks import check_instance
 from lightning_jax.models import layers
 from lightning_jax.models.config import TransformerConfig
 from lightning_jax.models.sharding import constrain
+from lightning_jax.models.stack import LayerStack
 
 F32 = jnp.float32
 
@@ -81,12 +86,14 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
         c = self.config
-        o = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_dim),
-            implementation=c.attention_implementation,
-        )
+        with jax.named_scope("attention"):
+            o = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_dim),
+                implementation=c.attention_implementation,
+            )
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(c.dtype))
 
+    @jax.named_scope("token_mixer")
     def __call__(self, x, positions, pad_mask=None):
         """x [batch, time, D] -> (y [batch, time, D], (k, v) [batch, time, heads, head_dim])."""
         q, k, v = self._project(x, positions)
@@ -98,6 +105,7 @@ class Attention(nnx.Module):
         mask = (causal & pad_mask[:, None, None, :]) | jnp.eye(time, dtype=bool)
         return self._attend(q, k, v, mask=mask), (k, v)
 
+    @jax.named_scope("token_mixer")
     def decode(self, x, positions, keys, values, key_mask, index):
         """x [batch, 1, D]; keys/values [batch, length, heads, head_dim]; key_mask [batch, length]
         already True at `index`. Returns (y, keys, values) with this token written at `index`."""
@@ -133,19 +141,18 @@ class Transformer(nnx.Module):
     vocab] float32`; `prefill` / `decode` as TNL's, with a KV cache."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config: got {type(config).__name__}, expected TransformerConfig")
-        c = config
-        self.config = c
+        c = self.config = check_instance("config", config, TransformerConfig)
         self.embed = layers.param(rngs, (c.vocab_size, c.hidden_dim), ("vocab", "embed"), c.param_dtype, c.init_std)
-        self.groups_layout = layers.layer_groups(c.num_layers, lambda layer: 0, c.scan_layers)
-        self.groups = nnx.List([
-            layers.create_group(lambda layer, r: TransformerBlock(c, rngs=r), first, count, rngs)
-            for first, count in self.groups_layout
-        ])
+        self.groups = LayerStack(c.num_layers, lambda layer, r: TransformerBlock(c, rngs=r), scan=c.scan_layers,
+                                 remat=c.remat, rngs=rngs)
         self.final_norm = RMSNorm(c, rngs=rngs)
         self.lm_head = (None if c.tie_embeddings else
                         layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
+
+    @property
+    def groups_layout(self) -> tuple[tuple[int, int], ...]:
+        """(first_layer, count) of each layer group: `self.groups.layout`."""
+        return self.groups.layout
 
     def _embed(self, tokens):
         return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
@@ -153,19 +160,19 @@ class Transformer(nnx.Module):
     def _logits(self, x):
         return layers.lm_logits(self.final_norm(x), self.embed, self.lm_head, self.config.dtype)
 
+    @jax.named_scope("transformer")
     def _run(self, tokens, pad_mask, keep_kv: bool):
+        """-> (logits [batch, time, vocab] float32, per-group (k, v) [(count,) batch, time, heads,
+        head_dim] (None unless keep_kv))."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
-        x = self._embed(tokens)
-        kvs = []
-        for (first, count), group in zip(self.groups_layout, self.groups):
-            def layer_fn(block, x, _):
-                x, kv = block(x, positions, pad_mask)
-                return x, (kv if keep_kv else None)
 
-            x, kv = layers.apply_group(group, count, layer_fn, x, None, self.config.remat)
-            kvs.append(kv)
+        def layer(block, x, _):
+            x, kv = block(x, positions, pad_mask)
+            return x, (kv if keep_kv else None)
+
+        x, kvs = self.groups(layer, self._embed(tokens))
         return self._logits(x), kvs
 
     def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
@@ -187,6 +194,7 @@ class Transformer(nnx.Module):
         position = jnp.sum(real.astype(jnp.int32), axis=1)
         return logits, TransformerCache(keys, values, key_mask, jnp.asarray(time, jnp.int32), position)
 
+    @jax.named_scope("transformer")
     def decode(self, token: jax.Array, cache: TransformerCache) -> tuple[jax.Array, TransformerCache]:
         """One step: token [batch] or [batch, 1] -> (logits [batch, vocab] or [batch, 1, vocab], cache).
         The cache must have room (see `prefill`'s max_new_tokens)."""
@@ -195,16 +203,14 @@ class Transformer(nnx.Module):
         positions = cache.position[:, None]
         key_mask = jax.lax.dynamic_update_slice_in_dim(
             cache.key_mask, jnp.ones((tokens.shape[0], 1), bool), cache.index, axis=1)
-        x = self._embed(tokens)
-        keys, values = [], []
-        for (first, count), group, k, v in zip(self.groups_layout, self.groups, cache.keys, cache.values):
-            def layer_fn(block, x, kv):
-                x, k, v = block.decode(x, positions, kv[0], kv[1], key_mask, cache.index)
-                return x, (k, v)
 
-            x, (k, v) = layers.apply_group(group, count, layer_fn, x, (k, v))
-            keys.append(k)
-            values.append(v)
+        def layer(block, x, kv):
+            x, k, v = block.decode(x, positions, kv[0], kv[1], key_mask, cache.index)
+            return x, (k, v)
+
+        x, kvs = self.groups.decode(layer, self._embed(tokens), tuple(zip(cache.keys, cache.values)))
         logits = self._logits(x)
-        cache = TransformerCache(tuple(keys), tuple(values), key_mask, cache.index + 1, cache.position + 1)
+        keys = tuple(k for k, _ in kvs)
+        values = tuple(v for _, v in kvs)
+        cache = TransformerCache(keys, values, key_mask, cache.index + 1, cache.position + 1)
         return (logits[:, 0] if squeeze else logits), cache

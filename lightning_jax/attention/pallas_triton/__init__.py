@@ -26,8 +26,9 @@ q, k, v and the outputs; the only residual beyond the inputs is R^(j), one fp32 
 Registers are the scarce resource: each program carries a dim_k x dim_v fp32 state through its
 chunk. Every kernel therefore carries only a tile of it, split along the dim its output is tiled in,
 so no output needs a sum over programs: o, dV and dL/dR^(0) are tiled along the value dim (state
-columns), dQ and dK along the key dim (state rows). Decays are folded into an operand (q, k or v)
-before each product, so every output tile has a single accumulator.
+columns), dQ and dK along the key dim (state rows). Decays scale the rows of a product
+(diag(lambda^a) (Q R)) or, in state updates, one operand (K^T diag(w) V), so q and k are only ever
+read raw and every output tile has a single accumulator.
 
 dim_k and dim_v are padded to powers of two inside the kernels (masked loads and stores, no padded
 copies in HBM). Without a GPU the same kernels run in Pallas interpret mode (slow, for tests).

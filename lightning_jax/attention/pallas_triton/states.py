@@ -79,7 +79,7 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: Plan, reverse: bo
     Both are "carry = lambda^E carry + x[c]; store carry" over c ascending (forward) or descending
     (reverse). The chain is short work on long latency, so G rows go per step, all loaded first:
     one memory round trip per G chunks, not per chunk (end to end within noise of the per-chunk loop
-    so far; docs/kernel-notes.md). N is static: the rows left over after the whole steps are a step
+    so far; docs/kernels.md). N is static: the rows left over after the whole steps are a step
     of their own, unrolled in Python.
     """
     rate = rates_ref[pl.program_id(1) % plan.heads]
