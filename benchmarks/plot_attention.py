@@ -27,8 +27,9 @@ LABELS = {"pallas": "ours (Pallas)", "xla": "ours (plain XLA)", "jla": "jax-line
           "cudnn": "cuDNN softmax attention"}
 
 
-def family_a_rows(paths):
-    rows, device = {}, ""
+def _family_a(paths):
+    """(device, rows): every family (a) row of the files, in order, with the device that ran it."""
+    device, out = "", []
     for path in paths:
         results = json.load(open(path))
         device = results["versions"].get("device", device)
@@ -36,25 +37,27 @@ def family_a_rows(paths):
             for row in results.get(key, []):
                 batch, time, heads, dim = row["shape"]
                 if batch * time == 65536 and heads == 16 and dim == 128:
-                    rows[time] = row
-    return [rows[t] for t in sorted(rows)], device
+                    out.append(row)
+    return device, out
+
+
+def family_a_rows(paths):
+    """The family (a) rows by length, each from the last file that has it; and the device."""
+    device, rows = _family_a(paths)
+    by_time = {row["shape"][1]: row for row in rows}
+    return [by_time[t] for t in sorted(by_time)], device
 
 
 def family_a_points(paths):
     """Like family_a_rows, but merged per implementation: impl -> time -> its timings from the last
     file that timed that implementation at that length (peers skipped in a later run keep their
     points from an earlier one)."""
-    points, device = {}, ""
-    for path in paths:
-        results = json.load(open(path))
-        device = results["versions"].get("device", device)
-        for key in ("family_a", "family_b"):
-            for row in results.get(key, []):
-                batch, time, heads, dim = row["shape"]
-                if batch * time == 65536 and heads == 16 and dim == 128:
-                    for impl, timings in row["impls"].items():
-                        if "fwd_s" in timings or "fb_s" in timings:
-                            points.setdefault(impl, {})[time] = timings
+    device, rows = _family_a(paths)
+    points = {}
+    for row in rows:
+        for impl, timings in row["impls"].items():
+            if "fwd_s" in timings or "fb_s" in timings:
+                points.setdefault(impl, {})[row["shape"][1]] = timings
     return points, device
 
 

@@ -443,3 +443,37 @@ def test_bad_scale():
         _call(scale="big")
     with pytest.raises(ValueError, match="scale: got inf"):
         _call(scale=float("inf"))
+
+
+@pytest.mark.parametrize("name, value", [("return_final_state", "yes"), ("return_final_state", 1), ("interpret", "no")])
+def test_flags_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=f"{name}: got {value!r}, expected True or False"):
+        _call(**{name: value})
+
+
+def test_errors_carry_the_field():
+    from lightning_jax.checks import ArgumentError
+
+    with pytest.raises(ArgumentError) as info:
+        _call(rates=jnp.array([0.1, -1.0]))
+    assert info.value.field == "rates"
+    nested = info.value.under("model").under("config")
+    assert nested.field == "config.model.rates" and str(nested).startswith("config.model.rates: got")
+    import pickle
+
+    again = pickle.loads(pickle.dumps(nested))  # crosses process boundaries (multi-process runs)
+    assert type(again) is ArgumentError and str(again) == str(nested)
+
+
+def test_decode_step_checks_its_arguments():
+    q = jnp.ones((1, 2, 8))
+    v = jnp.ones((1, 2, 6))
+    rates = jnp.array([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"state: got shape \(1, 2, 8, 9\).*expected shape \(1, 2, 8, 6\)"):
+        lj.decode_step(q, q, v, rates, jnp.zeros((1, 2, 8, 9)))
+    with pytest.raises(ValueError, match=r"rates: got shape \(3,\)"):
+        lj.decode_step(q, q, v, jnp.ones(3), jnp.zeros((1, 2, 8, 6)))
+    with pytest.raises(ValueError, match=r"q: got shape \(1, 4, 2, 8\).*rank 3"):
+        lj.decode_step(jnp.ones((1, 4, 2, 8)), q, v, rates, jnp.zeros((1, 2, 8, 6)))
+    o, state = lj.decode_step(q, q, v, rates, jnp.zeros((1, 2, 8, 6)))
+    assert o.shape == (1, 2, 6) and state.shape == (1, 2, 8, 6)
