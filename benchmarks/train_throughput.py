@@ -36,12 +36,12 @@ from lightning_jax.training.config import OptimConfig
 def model_configs(tiny: bool, remat: str):
     if tiny:
         return {"tnl": TNLConfig.tiny(), "transformer": TransformerConfig.tiny()}
-    on_gpu = jax.default_backend() == "gpu"
     common = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=remat)
     return {
         "tnl": TNLConfig.tnl_385m(**common),
-        # cuDNN flash attention on GPU: XLA's own softmax attention materialises [T, T] scores.
-        "transformer": TransformerConfig.transformer_385m(**common, attention_implementation="cudnn" if on_gpu else None),
+        # The config's default attention, as the main job runs it: cuDNN flash attention on a GPU
+        # (transformer.default_softmax_implementation).
+        "transformer": TransformerConfig.transformer_385m(**common),
     }
 
 

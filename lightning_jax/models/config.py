@@ -185,7 +185,8 @@ class TransformerConfig(_CommonConfig):
     attention (jax.nn.dot_product_attention; cuDNN flash attention on GPU) and a SwiGLU MLP.
 
     `mlp_dim` is the SwiGLU width (same role and default as TNL's glu_dim); `attention_implementation`
-    is passed to jax.nn.dot_product_attention (None: XLA picks; "cudnn" on GPU).
+    is passed to jax.nn.dot_product_attention; None picks cuDNN flash attention on a GPU for bf16 /
+    fp16 (`transformer.default_softmax_implementation`), XLA's otherwise.
     """
 
     mlp_dim: int = 128

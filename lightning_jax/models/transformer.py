@@ -5,7 +5,7 @@
     logits = RMSNorm(x) @ embed^T      (or an untied lm_head)
 
 Attention is causal softmax with RoPE through `jax.nn.dot_product_attention` (cuDNN flash
-attention on GPU with `attention_implementation="cudnn"`). Generation keeps a KV cache of
+attention on a GPU by default, see `default_softmax_implementation`). Generation keeps a KV cache of
 prompt + max_new_tokens positions, allocated by `prefill`.
 
 The layers live in a `LayerStack` (models/stack.py) at `self.groups`, as in TNL; profiles read
@@ -68,6 +68,20 @@ class RMSNorm(nnx.Module):
         return y.astype(self.config.dtype)
 
 
+def default_softmax_implementation(dtype, head_dim: int, *, masked: bool, backend: str | None = None) -> str:
+    """What `attention_implementation=None` runs: cuDNN flash attention on a GPU for causal bf16 /
+    fp16 attention with a head dim it supports (a multiple of 8, at most 256), else XLA's.
+
+    XLA's own softmax attention materialises the [time, time] scores: on a GPU it runs out of
+    memory at 32 x 2,048 tokens for the 385M model. Padded batches (generation) keep XLA's path:
+    they pass an explicit mask."""
+    backend = backend or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == "gpu" and half and not masked and head_dim % 8 == 0 and head_dim <= 256:
+        return "cudnn"
+    return "xla"
+
+
 class Attention(nnx.Module):
     """Causal multi-head softmax attention with RoPE; fused q/k/v projection [D, 3, heads, head_dim]."""
 
@@ -86,10 +100,13 @@ class Attention(nnx.Module):
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
         c = self.config
+        implementation = c.attention_implementation
+        if implementation is None:
+            implementation = default_softmax_implementation(q.dtype, c.head_dim, masked=mask is not None)
         with jax.named_scope("attention"):
             o = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_dim),
-                implementation=c.attention_implementation,
+                implementation=implementation,
             )
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(c.dtype))
 

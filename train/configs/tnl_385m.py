@@ -8,6 +8,7 @@ global: 64 x 2048 = 128K tokens per step; raise optim.grad_accum_steps if it doe
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ConfigDict:
@@ -16,9 +17,11 @@ def get_config() -> ConfigDict:
     config.workdir = "runs/tnl_385m"
     config.seed = 0
 
+    # placeholder(T): None by default, and still settable from the command line
+    # (--config.model.block_size=128); ml_collections refuses to override a plain None.
     config.model = ConfigDict(dict(
         arch="tnl", preset="tnl_385m", vocab_size=64000, dtype="bfloat16", param_dtype="float32",
-        scan_layers=True, remat="dots", attention_implementation=None, block_size=None,
+        scan_layers=True, remat="dots", attention_implementation=placeholder(str), block_size=placeholder(int),
     ))
     config.data = ConfigDict(dict(corpus="shakespeare", tokenizer="byte", seq_len=2048, batch_size=64))
     config.optim = ConfigDict(dict(

@@ -4,6 +4,7 @@ import os
 import runpy
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 # Config files are loaded by path, not as a package: read the base config the same way.
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tnl_385m.py")
@@ -14,6 +15,6 @@ def get_config() -> ConfigDict:
     config.workdir = "runs/transformer_385m"
     config.model = ConfigDict(dict(
         arch="transformer", preset="transformer_385m", vocab_size=64000, dtype="bfloat16",
-        param_dtype="float32", scan_layers=True, remat="dots", attention_implementation=None,
+        param_dtype="float32", scan_layers=True, remat="dots", attention_implementation=placeholder(str),
     ))
     return config
