@@ -13,6 +13,7 @@ import numpy as np
 from jax import custom_derivatives
 
 from lightning_jax import checks
+from lightning_jax.attention import context_parallel
 from lightning_jax.attention.registry import IMPLEMENTATIONS, default_implementation
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -31,6 +32,7 @@ def lightning_attention(
     implementation: str | None = None,
     config=None,
     interpret: bool | None = None,
+    context_axis: str | None = None,
 ):
     """Causal linear attention with a constant per-head decay (Lightning Attention).
 
@@ -65,6 +67,20 @@ def lightning_attention(
       interpret: Pallas implementations only: True runs the kernels in Pallas interpret mode (any
         backend, slow), False lowers them for the GPU (also when only lowering on a CPU), None
         interprets when the default backend is not a GPU. Ignored by the others.
+      context_axis: context parallelism: the name of a mesh axis over which one sequence is split
+        along time, for calls inside `jax.shard_map` (or `pmap`). Device i of that axis (n devices)
+        passes its contiguous slice, tokens [i T, (i + 1) T) with T = q.shape[1] (equal slices, any
+        length); `rates` and `initial_state` (the state before the sequence's first token) are the
+        same on every device. Each device reduces its slice to a local state, ONE all-gather of that
+        fp32 [batch, heads, dim_k, dim_v] state per device (whatever the length; (n - 1) x 4 x
+        batch x heads x dim_k x dim_v bytes received per device, the backward's reduce-scatter the
+        same) gives each device the state entering its slice, and the chosen implementation computes
+        the slice from it: o equals the single-device result on the whole sequence, and
+        `final_state` is the state after the whole sequence, the same on every device (under
+        shard_map's `check_vma` it is typed replicated along the axis, so an out_spec may omit it;
+        "pallas" needs `check_vma=False`). Gradients flow as without it. None (default): the whole
+        sequence is here. A name not bound here (outside shard_map) raises an error.
+        See `context_parallel.py` and docs/lightning-math.md.
 
     Returns:
       o: [batch, time, heads, dim_v] in q's dtype; or (o, final_state) with final_state float32
@@ -81,9 +97,18 @@ def lightning_attention(
     _check_config(name, impl.config_type, config)
     if interpret is not None:
         interpret = checks.check_bool("interpret", interpret)
+    if context_axis is not None:
+        context_parallel.check_context_axis(context_axis)
     rates = _no_rate_gradient(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
+    if context_axis is not None:
+        o, final_state = context_parallel.context_parallel_attention(
+            impl.load(), q, k, v, rates, initial_state, context_axis=context_axis,
+            return_final_state=return_final_state, scale=scale, block_size=block_size, config=config,
+            interpret=interpret,
+        )
+        return (o, final_state) if return_final_state else o
     o, final_state = impl.load()(
         q, k, v, rates, initial_state, scale=scale, block_size=block_size, config=config, interpret=interpret
     )
