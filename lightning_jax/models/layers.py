@@ -86,16 +86,25 @@ def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool) -> 
     return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
+def logits_weight(embed: nnx.Param, lm_head: nnx.Param | None) -> tuple[jax.Array, int]:
+    """(weight, vocab_axis) of the LM head: the embedding table [vocab, D] (tied, vocab axis 0) or
+    the untied lm_head [D, vocab] (vocab axis 1)."""
+    return (embed[...], 0) if lm_head is None else (lm_head[...], 1)
+
+
+def head_logits(x: jax.Array, weight: jax.Array, vocab_axis: int) -> jax.Array:
+    """x [batch, time, D] times the LM head `weight` (see `logits_weight`) -> float32 logits
+    [batch, time, vocab]: operands in x's dtype, float32 accumulation."""
+    spec = "btd,vd->btv" if vocab_axis == 0 else "btd,dv->btv"
+    logits = jnp.einsum(spec, x, weight.astype(x.dtype), preferred_element_type=F32)
+    return constrain(logits.astype(F32), ("batch", None, "vocab"))
+
+
 @jax.named_scope("lm_head")
 def lm_logits(x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype) -> jax.Array:
     """Normalised x [batch, time, D] -> float32 logits [batch, time, vocab], through the embedding
     table (tied) or a separate lm_head [D, vocab]."""
-    x = x.astype(dtype)
-    if lm_head is None:
-        logits = jnp.einsum("btd,vd->btv", x, embed[...].astype(dtype), preferred_element_type=F32)
-    else:
-        logits = jnp.einsum("btd,dv->btv", x, lm_head[...].astype(dtype), preferred_element_type=F32)
-    return constrain(logits.astype(F32), ("batch", None, "vocab"))
+    return head_logits(x.astype(dtype), *logits_weight(embed, lm_head))
 
 
 def positions_from_mask(pad_mask: jax.Array | None, batch: int, time: int) -> jax.Array:

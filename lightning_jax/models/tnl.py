@@ -187,13 +187,17 @@ class TNL(nnx.Module):
     def _embed(self, tokens):
         return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
 
+    def _final_norm(self, x):
+        """The last SRMSNorm, in the compute dtype: what the LM head multiplies."""
+        return layers.srms_norm(x, self.config.norm_eps).astype(self.config.dtype)
+
     def _logits(self, x):
-        c = self.config
-        return layers.lm_logits(layers.srms_norm(x, c.norm_eps), self.embed, self.lm_head, c.dtype)
+        return layers.lm_logits(self._final_norm(x), self.embed, self.lm_head, self.config.dtype)
 
     @jax.named_scope("tnl")
-    def _run(self, tokens, pad_mask, return_states: bool):
-        """-> (logits [batch, time, vocab] float32, per-group final states (None unless return_states))."""
+    def _run(self, tokens, pad_mask, return_states: bool, logits: bool = True):
+        """-> (logits [batch, time, vocab] float32, or the normed hidden states [batch, time, D] if not
+        `logits`; per-group final states (None unless return_states))."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
@@ -202,13 +206,23 @@ class TNL(nnx.Module):
             return block(x, rates, positions, pad_mask, return_state=return_states)
 
         x, states = self.groups(layer, self._embed(tokens), self._rates())
-        return self._logits(x), states
+        return (self._logits(x) if logits else self._final_norm(x)), states
 
     # Public API ------------------------------------------------------------------------------
 
     def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
         """tokens [batch, time] int -> logits [batch, time, vocab] float32."""
         return self._run(tokens, pad_mask, return_states=False)[0]
+
+    def hidden_states(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, time] int -> the final normed hidden states [batch, time, D] in the compute
+        dtype. The logits are `layers.head_logits(hidden, *self.logits_weight())`; the training loss
+        computes them block by block from here (lightning_jax/training/loss.py)."""
+        return self._run(tokens, pad_mask, return_states=False, logits=False)[0]
+
+    def logits_weight(self) -> tuple[jax.Array, int]:
+        """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""
+        return layers.logits_weight(self.embed, self.lm_head)
 
     def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
                 max_new_tokens: int | None = None) -> tuple[jax.Array, TNLCache]:

@@ -178,9 +178,9 @@ class Transformer(nnx.Module):
         return layers.lm_logits(self.final_norm(x), self.embed, self.lm_head, self.config.dtype)
 
     @jax.named_scope("transformer")
-    def _run(self, tokens, pad_mask, keep_kv: bool):
-        """-> (logits [batch, time, vocab] float32, per-group (k, v) [(count,) batch, time, heads,
-        head_dim] (None unless keep_kv))."""
+    def _run(self, tokens, pad_mask, keep_kv: bool, logits: bool = True):
+        """-> (logits [batch, time, vocab] float32, or the normed hidden states [batch, time, D] if not
+        `logits`; per-group (k, v) [(count,) batch, time, heads, head_dim] (None unless keep_kv))."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
@@ -190,11 +190,20 @@ class Transformer(nnx.Module):
             return x, (kv if keep_kv else None)
 
         x, kvs = self.groups(layer, self._embed(tokens))
-        return self._logits(x), kvs
+        return (self._logits(x) if logits else self.final_norm(x)), kvs
 
     def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
         """tokens [batch, time] int -> logits [batch, time, vocab] float32."""
         return self._run(tokens, pad_mask, keep_kv=False)[0]
+
+    def hidden_states(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, time] int -> the final normed hidden states [batch, time, D] in the compute
+        dtype, as TNL's (the logits are `layers.head_logits(hidden, *self.logits_weight())`)."""
+        return self._run(tokens, pad_mask, keep_kv=False, logits=False)[0]
+
+    def logits_weight(self) -> tuple[jax.Array, int]:
+        """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""
+        return layers.logits_weight(self.embed, self.lm_head)
 
     def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
                 max_new_tokens: int | None = None) -> tuple[jax.Array, TransformerCache]:

@@ -4,7 +4,8 @@
     train_and_evaluate(TrainConfig(steps=300, workdir="/tmp/run"))
 
 Modules: `config` (TrainConfig and its sections), `data` (corpora, tokenizers, grain pipeline),
-`optim` (AdamW + schedule), `step` (train state, loss, compiled step, eval sums), `checkpoint`
+`optim` (AdamW + schedule), `loss` (cross-entropy in blocks of tokens, from hidden states),
+`step` (train state, loss, compiled step, eval sums), `checkpoint`
 (Orbax), `metrics` (metrics.jsonl, MFU), `run` (run set-up: mesh, sharded model, train state),
 `evaluation` (Evaluator, evaluate), `loop` (train_and_evaluate, load_model). The model built from
 a config's `model` section comes from `lightning_jax.models.registry`.

@@ -26,6 +26,10 @@ from lightning_jax.checks import (
 
 ROOT = "config"
 
+# Tokens per device per block of the blocked cross-entropy (training/loss.py): its float32 logits
+# block is this x vocab x 4 bytes (1 GiB at vocab 64000), never the whole [tokens, vocab].
+DEFAULT_LOSS_BLOCK_TOKENS = 4096
+
 
 class ConfigError(ArgumentError):
     """A bad configuration value; `field` is its dotted path (``config.optim.lr``)."""
@@ -107,7 +111,9 @@ class DataConfig(_Checked):
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Checked):
     """AdamW with linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at the last step, and
-    global-norm clipping. `grad_accum_steps` splits each step's batch into that many microbatches."""
+    global-norm clipping. `grad_accum_steps` splits each step's batch into that many microbatches.
+    `loss_block_tokens`: the cross-entropy (training and evaluation) computes the logits of this many
+    tokens per device at a time (training/loss.py); 0 (or None) computes all the logits at once."""
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -118,6 +124,7 @@ class OptimConfig(_Checked):
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     grad_accum_steps: int = 1
+    loss_block_tokens: int = DEFAULT_LOSS_BLOCK_TOKENS
 
     _path = "optim"
 
@@ -131,6 +138,9 @@ class OptimConfig(_Checked):
         self._float("weight_decay", low=0.0)
         self._float("clip_norm", low=0.0, open_low=True)
         self._int("grad_accum_steps", minimum=1)
+        if self.loss_block_tokens is None:
+            object.__setattr__(self, "loss_block_tokens", 0)
+        self._int("loss_block_tokens", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,8 +36,9 @@ class Evaluator:
         self.tokens, self.weights = data_lib.validation_rows(
             cfg.data.corpus, run.tokenizer, seq_len=cfg.data.seq_len, max_tokens=cfg.eval.max_tokens or None
         )
-        self._jit = step_lib.make_eval_sums(run.graphdef)
-        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef) if self.pmap else None
+        block = cfg.optim.loss_block_tokens
+        self._jit = step_lib.make_eval_sums(run.graphdef, loss_block_tokens=block)
+        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef, loss_block_tokens=block) if self.pmap else None
 
     def __call__(self, state) -> dict[str, float]:
         total = count = 0.0

@@ -132,7 +132,9 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
         writer.truncate_after(start_step)
     evaluator = Evaluator(run)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(run.graphdef, run.tx, run.schedule, cfg.optim.grad_accum_steps), state
+        step_lib.make_train_step(run.graphdef, run.tx, run.schedule, cfg.optim.grad_accum_steps,
+                                 loss_block_tokens=cfg.optim.loss_block_tokens),
+        state,
     )
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len

@@ -25,20 +25,31 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lightning_jax.training import loss as loss_lib
+from lightning_jax.training.config import DEFAULT_LOSS_BLOCK_TOKENS
+
 TrainState = dict[str, Any]
 
 
-def loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array, *,
+              loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS) -> tuple[jax.Array, jax.Array]:
     """Weighted next-token cross-entropy: (sum of loss * weight, sum of weight), float32 scalars.
 
     tokens: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len] (0 on padding).
+    loss_block_tokens: the logits of this many tokens per device at a time, from the model's final
+    hidden states (training/loss.py); 0 or None: the model's full logits (the reference).
     """
     model = nnx.merge(graphdef, params, rest)
-    logits = model(tokens[:, :-1])
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     # The softmax runs in float32 whatever the compute dtype: bf16 log-sum-exp over 64K logits loses
     # the small differences the loss is made of.
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    if not loss_block_tokens:
+        logits = model(inputs)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        return jnp.sum(losses * weights), jnp.sum(weights)
+    total = loss_lib.cross_entropy_sum(model.hidden_states(inputs), *model.logits_weight(), targets, weights,
+                                       block_tokens=loss_block_tokens)
+    return total, jnp.sum(weights)
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
@@ -80,18 +91,20 @@ def state_shardings(state: TrainState):
 
 
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1
+    graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1, *,
+    loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, tokens) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
 
     With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are averaged
     (in float32) before one update: the same update as the whole batch at once, in 1/k the
     activation memory. metrics: loss (mean over the batch), grad_norm (before clipping), lr.
+    `loss_block_tokens`: see `loss_sums`.
     """
 
     def mean_loss(params, rest, tokens):
         weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
-        total, count = loss_sums(graphdef, params, rest, tokens, weights)
+        total, count = loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
         return total / count
 
     grad_fn = jax.value_and_grad(mean_loss)
@@ -132,19 +145,24 @@ def jit_train_step(train_step, state: TrainState):
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
 
 
-def make_eval_sums(graphdef):
+def make_eval_sums(graphdef, *, loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS):
     """jit-ted `eval_sums(params, rest, tokens, weights) -> (sum loss*w, sum w)` over the global
     (sharded) batch: XLA reduces across all devices and returns replicated scalars."""
-    return jax.jit(lambda params, rest, tokens, weights: loss_sums(graphdef, params, rest, tokens, weights))
+
+    def eval_sums(params, rest, tokens, weights):
+        return loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
+
+    return jax.jit(eval_sums)
 
 
-def make_pmap_eval_sums(graphdef, axis_name: str = "devices"):
+def make_pmap_eval_sums(graphdef, axis_name: str = "devices", *,
+                        loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS):
     """The same sums through `jax.pmap`: tokens [local_devices, rows_per_device, seq_len + 1],
     weights [local_devices, rows_per_device, seq_len]; params and rest broadcast (in_axes None).
     Returns per-device copies of the sums over all devices (psum)."""
 
     def local(params, rest, tokens, weights):
-        total, count = loss_sums(graphdef, params, rest, tokens, weights)
+        total, count = loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
         return jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
 
     return jax.pmap(local, axis_name=axis_name, in_axes=(None, None, 0, 0))

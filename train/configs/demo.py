@@ -22,6 +22,7 @@ def get_config() -> ConfigDict:
     config.optim = ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=30, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0, grad_accum_steps=1,
+        loss_block_tokens=4096,  # cross-entropy in blocks of tokens: no [tokens, vocab] logits
     ))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.checkpoint = ConfigDict(dict(enabled=True, every_steps=100, keep=3, async_save=True))

@@ -3,8 +3,9 @@
 Same tokens per step as tnl_385m.py (2 x 64K = 128K) when data.batch_size is 2; each GPU holds
 whole sequences, so data.batch_size must be a multiple of the GPU count (override it:
 --config.data.batch_size=8 on 8 GPUs). Full rematerialisation: activations of 64K tokens per
-sequence are the memory limit here, and the [batch, 64K, 64000] float32 logits alone take 16 GiB per
-sequence, so keep one sequence per GPU per microbatch (optim.grad_accum_steps).
+sequence are the memory limit here (the loss never holds the [tokens, vocab] logits: it runs in
+blocks of optim.loss_block_tokens), so keep one sequence per GPU per microbatch
+(optim.grad_accum_steps).
 """
 
 import os
