@@ -107,7 +107,7 @@ def test_restore_onto_a_different_mesh_gives_the_same_eval_loss(tmp_path):
     manager.close()
     assert int(state["step"]) == 8 and meta["step"] == 8
     qkvu = state["params"]["groups"][0]["mixer"]["qkvu"]
-    assert qkvu.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert qkvu.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 4, "context": 1}
     assert tuple(qkvu.sharding.spec) == (None, None, "tensor")  # heads split 4 ways
     mu = state["opt_state"][1][0].mu["groups"][0]["mixer"]["qkvu"]
     assert tuple(mu.sharding.spec) == (None, None, "tensor")  # Adam moments follow their parameter

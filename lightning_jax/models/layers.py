@@ -78,12 +78,14 @@ def check_tokens(tokens: jax.Array, pad_mask: jax.Array | None) -> None:
 
 
 @jax.named_scope("embed")
-def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool) -> jax.Array:
-    """table [vocab, D], tokens [batch, ...] -> [batch, ..., D] in `dtype`, times sqrt(D) if `scale`."""
+def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool, time: str | None = None) -> jax.Array:
+    """table [vocab, D], tokens [batch, ...] -> [batch, ..., D] in `dtype`, times sqrt(D) if `scale`.
+    `time`: the logical name of the tokens' second axis (e.g. "time", split over context)."""
     x = jnp.take(table[...], tokens, axis=0).astype(dtype)
     if scale:
         x = x * jnp.asarray(math.sqrt(table.shape[-1]), dtype)
-    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    names = ("batch", time) + (None,) * (x.ndim - 2) if x.ndim > 2 else ("batch",) + (None,) * (x.ndim - 1)
+    return constrain(x, names)
 
 
 def logits_weight(embed: nnx.Param, lm_head: nnx.Param | None) -> tuple[jax.Array, int]:
@@ -92,12 +94,13 @@ def logits_weight(embed: nnx.Param, lm_head: nnx.Param | None) -> tuple[jax.Arra
     return (embed[...], 0) if lm_head is None else (lm_head[...], 1)
 
 
-def head_logits(x: jax.Array, weight: jax.Array, vocab_axis: int) -> jax.Array:
+def head_logits(x: jax.Array, weight: jax.Array, vocab_axis: int, rules=None) -> jax.Array:
     """x [batch, time, D] times the LM head `weight` (see `logits_weight`) -> float32 logits
-    [batch, time, vocab]: operands in x's dtype, float32 accumulation."""
+    [batch, time, vocab]: operands in x's dtype, float32 accumulation. `rules`: logical axis rules
+    for the logits' constraint (default: the current ones)."""
     spec = "btd,vd->btv" if vocab_axis == 0 else "btd,dv->btv"
     logits = jnp.einsum(spec, x, weight.astype(x.dtype), preferred_element_type=F32)
-    return constrain(logits.astype(F32), ("batch", None, "vocab"))
+    return constrain(logits.astype(F32), ("batch", None, "vocab"), rules)
 
 
 @jax.named_scope("lm_head")

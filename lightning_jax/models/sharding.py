@@ -8,10 +8,13 @@ Every parameter carries logical axis names through `nnx.with_partitioning` (see 
     mlp      the SGLU / SwiGLU hidden width
     layers   the stacked-layer axis added when `scan_layers` stacks identical layers
     batch    activations only: the batch dimension
+    time     activations only: the sequence dimension (training forward; context parallelism)
 
-`DEFAULT_RULES` maps them onto a mesh with axes ("data", "fsdp", "tensor"): batch over data and
-fsdp, parameters' embed dimension over fsdp (ZeRO-3 style), heads / mlp / vocab over tensor. Rules
-naming a mesh axis the current mesh lacks are dropped, so the same rules serve a ("data",) mesh.
+`DEFAULT_RULES` maps them onto a mesh with axes ("data", "fsdp", "tensor", "context"): batch over
+data and fsdp, parameters' embed dimension over fsdp (ZeRO-3 style), heads / mlp / vocab over
+tensor, time over context (one sequence split over devices: TNL runs its attention with
+`lightning_attention(..., context_axis="context")`, see `context_axis_of`). Rules naming a mesh axis
+the current mesh lacks are dropped, so the same rules serve a ("data",) mesh.
 
 The model is written for meshes whose axes are `AxisType.Auto` (XLA propagates shardings from the
 parameters and the few constraints we add); `make_mesh` builds one.
@@ -29,7 +32,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 P = PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -38,25 +41,30 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("layers", None),
+    ("time", "context"),
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> jax.sharding.Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axes; `data=-1` takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1, *,
+              devices=None) -> jax.sharding.Mesh:
+    """A ("data", "fsdp", "tensor", "context") mesh with Auto axes; `data=-1` takes the remaining
+    devices. `context` splits each sequence over that many devices (context parallelism)."""
     devices = jax.devices() if devices is None else list(devices)
+    others = fsdp * tensor * context
     if data == -1:
-        if len(devices) % (fsdp * tensor):
+        if len(devices) % others:
             raise ValueError(
-                f"fsdp, tensor: got {fsdp} x {tensor}, expected a divisor of the {len(devices)} devices"
+                f"fsdp, tensor, context: got {fsdp} x {tensor} x {context}, expected a divisor of the "
+                f"{len(devices)} devices"
             )
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
+        data = len(devices) // others
+    if data * others != len(devices):
         raise ValueError(
-            f"data, fsdp, tensor: got {data} x {fsdp} x {tensor} = {data * fsdp * tensor}, expected the "
-            f"number of devices ({len(devices)})"
+            f"data, fsdp, tensor, context: got {data} x {fsdp} x {tensor} x {context} = {data * others}, "
+            f"expected the number of devices ({len(devices)})"
         )
     return jax.make_mesh(
-        (data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+        (data, fsdp, tensor, context), MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices
     )
 
 
@@ -113,16 +121,33 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None =
     return P(*entries)
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=None) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op without a mesh (or inside pmap)."""
-    spec = logical_to_spec(logical, x.shape)
+    spec = logical_to_spec(logical, x.shape, rules)
     if spec is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def context_axis_of(spec) -> str | None:
+    """The mesh axis a [batch, time, ...] array's time dimension is split over in `spec` (a
+    `logical_to_spec` result), or None: the `context_axis` to give `lightning_attention` per shard.
+    Only a single axis of size > 1 counts (time on several mesh axes is not supported)."""
+    if spec is None or len(spec) < 2 or spec[1] is None:
+        return None
+    axes = (spec[1],) if isinstance(spec[1], str) else tuple(spec[1])
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if len(axes) > 1:
+        raise ValueError(f"time: split over mesh axes {axes}, expected at most one (the context axis)")
+    return axes[0] if axes else None
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules=None, ndim: int = 2) -> jax.sharding.NamedSharding:
-    """NamedSharding of a [batch, time, ...] input (tokens, targets, weights) on `mesh`."""
+    """NamedSharding of a [batch, time, ...] host input (tokens, targets, weights) on `mesh`: the
+    batch over its axes, time whole (replicated over `context`): tokens carry seq_len + 1 columns,
+    which do not split evenly; the train step splits inputs and targets over `context` after the
+    shift (`training/step.py`), a local slice."""
     table = dict(rules if rules is not None else DEFAULT_RULES)
     axes = _usable_axes(mesh, table.get("batch"), None)
     batch = axes[0] if len(axes) == 1 else (axes or None)

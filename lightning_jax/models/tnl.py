@@ -27,7 +27,7 @@ from lightning_jax.attention import decode_step, lightning_attention
 from lightning_jax.checks import check_instance
 from lightning_jax.models import layers
 from lightning_jax.models.config import TNLConfig
-from lightning_jax.models.sharding import constrain, sharded_call
+from lightning_jax.models.sharding import constrain, context_axis_of, logical_to_spec, sharded_call
 from lightning_jax.models.stack import LayerStack
 
 F32 = jnp.float32
@@ -71,6 +71,12 @@ class LRPE(nnx.Module):
         return jnp.concatenate([x32 * jnp.cos(angle), x32 * jnp.sin(angle)], axis=-1).astype(x.dtype)
 
 
+def _time_axis(return_state, initial_state) -> str | None:
+    """The logical name of the activations' time axis: "time" (split over the mesh's context axis,
+    if any) in the training / evaluation forward; None (whole) for prefill and calls from a state."""
+    return None if return_state or initial_state is not None else "time"
+
+
 class TokenMixer(nnx.Module):
     """Gated linear attention ("NormLinearAttention"): fused q/k/v/u projection, silu on q and k,
     optional LRPE, lightning attention with this layer's fixed rates (no 1/sqrt(d) scale), SRMSNorm
@@ -109,14 +115,19 @@ class TokenMixer(nnx.Module):
         Returns (y [batch, time, D], final state fp32 [batch, heads, dim_k, dim_v] or None)."""
         q, k, v, u = self._project(x, positions, pad_mask)
         c = self.config
+        # The training forward splits time over the mesh's context axis (if any): each device runs
+        # the op on its slice with context_axis= (one all-gather of fp32 states per call). Prefill
+        # (return_state) and calls from a given state keep time whole.
+        time = _time_axis(return_state, initial_state)
+        bthd, bhde = ("batch", time, "heads", None), ("batch", "heads", None, None)
+        context_axis = context_axis_of(logical_to_spec(bthd, q.shape))
 
         def attend(q, k, v, rates, initial_state):
             return lightning_attention(
                 q, k, v, jax.lax.stop_gradient(rates), initial_state=initial_state, return_final_state=True,
-                block_size=c.block_size, implementation=c.attention_implementation,
+                block_size=c.block_size, implementation=c.attention_implementation, context_axis=context_axis,
             )
 
-        bthd, bhde = ("batch", None, "heads", None), ("batch", "heads", None, None)
         with jax.named_scope("attention"):
             o, state = sharded_call(attend, (q, k, v, rates, initial_state),
                                     (bthd, bthd, bthd, ("heads",), bhde), (bthd, bhde))
@@ -148,7 +159,7 @@ class TNLBlock(nnx.Module):
                               initial_state=initial_state, return_state=return_state)
         x = x + h.astype(x.dtype)
         x = x + self.glu(self._norm(x)).astype(x.dtype)
-        return constrain(x, ("batch", None, None)), state
+        return constrain(x, ("batch", _time_axis(return_state, initial_state), None)), state
 
     def decode(self, x, rates, positions, state):
         h, state = self.mixer.decode(self._norm(x), rates, positions, state)
@@ -184,8 +195,8 @@ class TNL(nnx.Module):
         constants, never trained."""
         return self.groups.per_layer(self.config.rates)
 
-    def _embed(self, tokens):
-        return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
+    def _embed(self, tokens, time=None):
+        return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding, time=time)
 
     def _final_norm(self, x):
         """The last SRMSNorm, in the compute dtype: what the LM head multiplies."""
@@ -205,7 +216,9 @@ class TNL(nnx.Module):
         def layer(block, x, rates):
             return block(x, rates, positions, pad_mask, return_state=return_states)
 
-        x, states = self.groups(layer, self._embed(tokens), self._rates())
+        # The embedding's output split like the blocks' (time over context when training).
+        x = self._embed(tokens, time=_time_axis(return_states, None))
+        x, states = self.groups(layer, x, self._rates())
         return (self._logits(x) if logits else self._final_norm(x)), states
 
     # Public API ------------------------------------------------------------------------------

@@ -145,15 +145,19 @@ class OptimConfig(_Checked):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(_Checked):
-    """Device mesh ("data", "fsdp", "tensor"); -1 takes the devices the others leave."""
+    """Device mesh ("data", "fsdp", "tensor", "context"); -1 takes the devices the others leave
+    (data, fsdp or tensor). `context` splits each sequence over that many devices (context
+    parallelism, TNL only; data.seq_len must be a multiple of it)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1
 
     _path = "mesh"
 
     def _check(self):
+        self._int("context", minimum=1)
         for name in ("data", "fsdp", "tensor"):
             value = getattr(self, name)
             if not (is_int(value) and (value >= 1 or value == -1)):
@@ -257,6 +261,15 @@ class TrainConfig(_Checked):
                 self.optim.grad_accum_steps,
                 f"a divisor of data.batch_size={self.data.batch_size}",
             )
+        if self.mesh.context > 1:
+            if self.model.arch != "tnl":
+                fail("mesh.context", self.mesh.context,
+                     f"1 for model.arch={self.model.arch!r}: context parallelism (time split over devices) "
+                     "is only implemented for TNL's lightning attention")
+            if self.data.seq_len % self.mesh.context:
+                fail("data.seq_len", self.data.seq_len,
+                     f"a multiple of mesh.context={self.mesh.context} (each sequence is split evenly over "
+                     "the context devices)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":

@@ -27,6 +27,12 @@ weight 0 to the tokens it shares with the block before it: nothing is padded or 
 
 When the whole time axis fits in one block, that block is differentiated directly (no recompute):
 its logits are within the budget anyway.
+
+Context parallelism (time split over the mesh's `context` axis, C devices): slicing blocks along
+the global time axis would make XLA gather the hidden states. So the loss first folds time into
+rows, [batch, time, ...] -> [C x batch, time / C, ...] (a swap of the [batch, C] axes, free on each
+device since every device holds one of the C slices): row c x batch + b is sequence b's c-th slice,
+the rows shard over (context, data, fsdp), and the blocks run along each device's own slice.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import jax.numpy as jnp
 
 from lightning_jax.checks import check_int
 from lightning_jax.models import layers
-from lightning_jax.models.sharding import constrain, logical_to_spec
+from lightning_jax.models.sharding import constrain, current_rules, logical_to_spec
 
 F32 = jnp.float32
 
@@ -74,27 +80,57 @@ def cross_entropy_sum(hidden: jax.Array, weight: jax.Array, vocab_axis: int, tar
     if targets.shape != (batch, time) or loss_weights.shape != (batch, time):
         raise ValueError(f"targets, loss_weights: got shapes {targets.shape}, {loss_weights.shape}, "
                          f"expected hidden's [batch, time] = {(batch, time)}")
-    shards = _batch_shards(batch)
-    steps = max(1, min(time, block_tokens // (batch // shards)))
+    hidden, targets, loss_weights, rules = _fold_context(hidden, targets, loss_weights)
+    rows, time = targets.shape
+    shards = _batch_shards(rows, rules)
+    steps = max(1, min(time, block_tokens // (rows // shards)))
     with jax.named_scope("loss"):
         if steps == time:  # one block
-            return _block_losses(hidden, weight, targets, loss_weights, vocab_axis).sum()
-        weight = constrain(weight.astype(hidden.dtype), _GATHERED_AXES[vocab_axis])
-        return _blocked_sum(hidden, weight, targets, loss_weights, vocab_axis, steps, shards)
+            return _block_losses(hidden, weight, targets, loss_weights, vocab_axis, rules).sum()
+        weight = constrain(weight.astype(hidden.dtype), _GATHERED_AXES[vocab_axis], rules)
+        return _blocked_sum(hidden, weight, targets, loss_weights, vocab_axis, steps, shards, rules)
 
 
-def _batch_shards(batch: int) -> int:
-    """How many pieces the mesh in context cuts the batch into (1 without a mesh or inside pmap)."""
-    spec = logical_to_spec(("batch",), (batch,))
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _fold_context(hidden, targets, loss_weights):
+    """(hidden, targets, loss_weights, rules): unchanged (rules None: the current ones) unless the
+    mesh in context splits time (logical "time"); then time folded into rows, [batch, time, ...] ->
+    [C x batch, time / C, ...], and rules whose "batch" maps onto the rows' mesh axes (context
+    first, then the batch's)."""
+    batch, time = targets.shape
+    spec = logical_to_spec(("batch", "time"), (batch, time))
+    if spec is None or not _mesh_axes(spec[1]):
+        return hidden, targets, loss_weights, None
+    mesh = jax.sharding.get_abstract_mesh()
+    context_axes, batch_axes = _mesh_axes(spec[1]), _mesh_axes(spec[0])
+    c = math.prod(mesh.shape[a] for a in context_axes)
+    if c == 1:
+        return hidden, targets, loss_weights, None
+    rows = tuple(a for a in context_axes + batch_axes if mesh.shape[a] > 1)
+    rules = (("batch", rows),) + tuple((k, v) for k, v in current_rules() if k != "batch")
+
+    def fold(a):
+        a = a.reshape(batch, c, time // c, *a.shape[2:]).swapaxes(0, 1).reshape(c * batch, time // c, *a.shape[2:])
+        return constrain(a, ("batch",) + (None,) * (a.ndim - 1), rules)
+
+    return fold(hidden), fold(targets), fold(loss_weights), rules
+
+
+def _batch_shards(batch: int, rules=None) -> int:
+    """How many pieces the mesh in context cuts the batch (rows) into (1 without a mesh or inside
+    pmap)."""
+    spec = logical_to_spec(("batch",), (batch,), rules)
     if spec is None or spec[0] is None:
         return 1
-    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
-    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in _mesh_axes(spec[0]))
 
 
-def _block_losses(x, weight, targets, loss_weights, vocab_axis):
+def _block_losses(x, weight, targets, loss_weights, vocab_axis, rules=None):
     """The weighted losses of one block, summed over its time steps: float32 [batch]."""
-    logits = layers.head_logits(x, weight, vocab_axis)
+    logits = layers.head_logits(x, weight, vocab_axis, rules)
     return jnp.sum(token_losses(logits, targets) * loss_weights, axis=1)
 
 
@@ -112,18 +148,18 @@ def _num_blocks(time, steps):
     return -(-time // steps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blocked_sum(x, weight, targets, loss_weights, vocab_axis, steps, shards):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _blocked_sum(x, weight, targets, loss_weights, vocab_axis, steps, shards, rules):
     def body(i, rows):
         _, xb, tb, wb = _block(i, steps, x, targets, loss_weights)
-        return rows + _block_losses(xb, weight, tb, wb, vocab_axis)
+        return rows + _block_losses(xb, weight, tb, wb, vocab_axis, rules)
 
     # Per-row sums ([batch], sharded like it): one reduction across devices, after the last block.
-    rows = constrain(jnp.zeros(x.shape[:1], F32), ("batch",))
+    rows = constrain(jnp.zeros(x.shape[:1], F32), ("batch",), rules)
     return jax.lax.fori_loop(0, _num_blocks(x.shape[1], steps), body, rows).sum()
 
 
-def _blocked_sum_fwd(x, weight, targets, loss_weights, vocab_axis, steps, shards):
+def _blocked_sum_fwd(x, weight, targets, loss_weights, vocab_axis, steps, shards, rules):
     """Under differentiation the forward also takes the gradients, for a unit cotangent (Liger's
     fused linear cross-entropy): the loss is a scalar, so the backward only scales them. Each
     block's logits are computed once, where recomputing them in the backward would cost one more
@@ -138,7 +174,7 @@ def _blocked_sum_fwd(x, weight, targets, loss_weights, vocab_axis, steps, shards
     def body(i, carry):
         rows, dx, d_weight = carry
         start, xb, tb, wb = _block(i, steps, x, targets, loss_weights)
-        logits = layers.head_logits(xb, weight, vocab_axis)
+        logits = layers.head_logits(xb, weight, vocab_axis, rules)
         losses, loss_vjp = jax.vjp(lambda logits: jnp.sum(token_losses(logits, tb) * wb, axis=1), logits)
         (d_logits,) = loss_vjp(jnp.ones_like(losses))  # float32 [batch, steps, vocab]
         # The head matmul's transposes as autodiff takes them: float32 operands and results.
@@ -147,18 +183,18 @@ def _blocked_sum_fwd(x, weight, targets, loss_weights, vocab_axis, steps, shards
         # Adds rather than writes: a slid-back last block's rows of the block before are zeros here.
         dxb = jax.lax.dynamic_slice_in_dim(dx, start, steps, axis=1) + dxb
         dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, start, axis=1)
-        return rows + losses, dx, constrain(d_weight + d_weight_b, partial_axes)
+        return rows + losses, dx, constrain(d_weight + d_weight_b, partial_axes, rules)
 
-    rows = constrain(jnp.zeros(x.shape[:1], F32), ("batch",))
+    rows = constrain(jnp.zeros(x.shape[:1], F32), ("batch",), rules)
     # float32 until the backward has applied the cotangent, so d_hidden is rounded once, as in
     # the full-logits path (rounding here, then scaling, moved bf16 gradients by several ulps).
-    dx = constrain(jnp.zeros(x.shape, F32), ("batch", None, None))
-    d_weight = constrain(jnp.zeros((shards, *weight.shape), F32), partial_axes)
+    dx = constrain(jnp.zeros(x.shape, F32), ("batch", None, None), rules)
+    d_weight = constrain(jnp.zeros((shards, *weight.shape), F32), partial_axes, rules)
     rows, dx, d_weight = jax.lax.fori_loop(0, _num_blocks(x.shape[1], steps), body, (rows, dx, d_weight))
     return rows.sum(), (dx, d_weight.sum(axis=0), jnp.zeros((), x.dtype))
 
 
-def _blocked_sum_bwd(vocab_axis, steps, shards, residuals, g):
+def _blocked_sum_bwd(vocab_axis, steps, shards, rules, residuals, g):
     dx, d_weight, like = residuals  # like: a scalar of hidden's dtype (a dtype is no residual)
     # The weight came in cast to hidden's dtype (cross_entropy_sum): its gradient leaves in it.
     return (g * dx).astype(like.dtype), (g * d_weight).astype(like.dtype), None, None

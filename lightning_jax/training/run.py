@@ -71,7 +71,7 @@ def _make_mesh(config: TrainConfig) -> jax.sharding.Mesh:
 
     m = config.mesh
     try:
-        return make_mesh(m.data, m.fsdp, m.tensor)
+        return make_mesh(m.data, m.fsdp, m.tensor, m.context)
     except ValueError as e:
         raise as_config_error(e, "mesh") from e
 

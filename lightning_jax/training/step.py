@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lightning_jax.models.sharding import constrain
 from lightning_jax.training import loss as loss_lib
 from lightning_jax.training.config import DEFAULT_LOSS_BLOCK_TOKENS
 
@@ -40,7 +41,12 @@ def loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array, *,
     hidden states (training/loss.py); 0 or None: the model's full logits (the reference).
     """
     model = nnx.merge(graphdef, params, rest)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # Batches arrive split over the batch axes only (seq_len + 1 columns do not split evenly over a
+    # context axis); inputs, targets and weights are split over time (logical "time": the mesh's
+    # context axis, if any) after the shift, a local slice of what each device holds.
+    bt = ("batch", "time")
+    inputs, targets = constrain(tokens[:, :-1], bt), constrain(tokens[:, 1:], bt)
+    weights = constrain(weights, bt)
     # The softmax runs in float32 whatever the compute dtype: bf16 log-sum-exp over 64K logits loses
     # the small differences the loss is made of.
     if not loss_block_tokens:

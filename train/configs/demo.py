@@ -24,7 +24,7 @@ def get_config() -> ConfigDict:
         clip_norm=1.0, grad_accum_steps=1,
         loss_block_tokens=4096,  # cross-entropy in blocks of tokens: no [tokens, vocab] logits
     ))
-    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.checkpoint = ConfigDict(dict(enabled=True, every_steps=100, keep=3, async_save=True))
     config.eval = ConfigDict(dict(every_steps=100, max_tokens=32768, batch_size=0, pmap=False))
     config.log = ConfigDict(dict(every_steps=10, progress_bar=True, tensorboard=False, peak_tflops_per_device=0.0))

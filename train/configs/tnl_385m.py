@@ -29,7 +29,7 @@ def get_config() -> ConfigDict:
         clip_norm=1.0, grad_accum_steps=1,
         loss_block_tokens=4096,  # cross-entropy in blocks of tokens: no [tokens, vocab] logits
     ))
-    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.checkpoint = ConfigDict(dict(enabled=True, every_steps=1000, keep=3, async_save=True))
     config.eval = ConfigDict(dict(every_steps=1000, max_tokens=4 * 1024 * 1024, batch_size=0, pmap=False))
     config.log = ConfigDict(dict(every_steps=50, progress_bar=True, tensorboard=False, peak_tflops_per_device=0.0))
