@@ -14,32 +14,13 @@ import pytest
 
 import lightning_jax as lj
 from lightning_jax.checks import ArgumentError, ArgumentTypeError
+from oracles import recurrence_f64, rel_err
 
 AXIS = "context"
 BLOCK = 16
 TOKENS = jax.P(None, AXIS, None, None)  # [batch, time, heads, dim]: time split over the axis
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs the eight fake CPU devices of conftest.py")
-
-
-def recurrence_f64(q, k, v, rates, initial_state=None, scale=1.0):
-    """The token recurrence in float64 numpy, independent of the library."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    batch, time, heads, dim_k = q.shape
-    state = (np.zeros((batch, heads, dim_k, v.shape[-1])) if initial_state is None
-             else np.asarray(initial_state, np.float64).copy())
-    decay = np.exp(-np.asarray(rates, np.float64))[None, :, None, None]
-    out = np.empty((batch, time, heads, v.shape[-1]))
-    for t in range(time):
-        state = decay * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        out[:, t] = np.einsum("bhd,bhde->bhe", scale * q[:, t], state)
-    return out, state
-
-
-def rel_err(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x)), "non-finite values"
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def make_inputs(seed, batch, time, heads, dim_k, dim_v, dtype=jnp.float32, with_state=True):

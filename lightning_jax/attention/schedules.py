@@ -14,19 +14,15 @@ import numpy as np
 from lightning_jax import checks
 
 
-def _check_positive(name: str, value) -> int:
-    return checks.check_int(name, value, minimum=1)
-
-
 def _check_layer(layer, num_layers) -> tuple[int, int]:
-    num_layers = _check_positive("num_layers", num_layers)
+    num_layers = checks.check_int("num_layers", num_layers, minimum=1)
     return checks.check_int("layer", layer, minimum=0, maximum=num_layers - 1), num_layers
 
 
 def alibi_slopes(heads: int) -> np.ndarray:
     """ALiBi slopes for any head count: 2^(-8(h+1)/H) for H a power of two; otherwise the list for
     P = 2^floor(log2 H) followed by every other slope of the list for 2P (the first H - P of them)."""
-    heads = _check_positive("heads", heads)
+    heads = checks.check_int("heads", heads, minimum=1)
 
     def power_of_2(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
@@ -59,7 +55,7 @@ def paper_rates(heads: int, layer: int, num_layers: int) -> np.ndarray:
 
     flash-linear-attention implements this literal form; it does NOT match the released TNL
     checkpoints (use `tnl_rates` for those). Head 0 gets rate 0 (no decay)."""
-    heads = _check_positive("heads", heads)
+    heads = checks.check_int("heads", heads, minimum=1)
     layer, num_layers = _check_layer(layer, num_layers)
     h = np.arange(heads, dtype=np.float64)
     return (8.0 * h / heads * (1.0 - layer / num_layers)).astype(np.float32)

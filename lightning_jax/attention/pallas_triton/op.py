@@ -52,8 +52,8 @@ def plan_for(
     """The forward's `Plan` of a call (tiling, chunks), as `lightning_attention_triton` makes it:
     for benchmarks and tests that time or check one kernel alone."""
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
-    # Interpret mode and lowering without a GPU attached plan for the GPU the defaults were tuned on.
-    facts = HOPPER if interpret or jax.default_backend() != "gpu" else gpu_facts()
+    # Interpret mode plans for the GPU the defaults were tuned on, as gpu_facts() does without a GPU.
+    facts = HOPPER if interpret else gpu_facts()
     return make_plan(
         tuple(q_shape),
         dim_v,

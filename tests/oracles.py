@@ -1,0 +1,28 @@
+"""Oracles the attention tests share, written independently of the library."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def recurrence_f64(q, k, v, rates, initial_state=None, scale=1.0):
+    """The token recurrence in float64 numpy: (o [batch, time, heads, dim_v], final state)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, time, heads, dim_k = q.shape
+    state = (
+        np.zeros((batch, heads, dim_k, v.shape[-1]))
+        if initial_state is None
+        else np.asarray(initial_state, np.float64).copy()
+    )
+    decay = np.exp(-np.asarray(rates, np.float64))[None, :, None, None]
+    out = np.empty((batch, time, heads, v.shape[-1]))
+    for t in range(time):
+        state = decay * state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out[:, t] = np.einsum("bhd,bhde->bhe", scale * q[:, t], state)
+    return out, state
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
