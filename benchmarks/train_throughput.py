@@ -50,8 +50,10 @@ def _is_oom(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def measure(name: str, config, context: int, tokens_per_step: int, steps: int, mesh, peak) -> dict:
-    """Times `steps` train steps at `context` (after compile + 1 warm-up) -> a result row."""
+def measure(name: str, config, context: int, tokens_per_step: int, steps: int, mesh, peak,
+            step_options: dict | None = None) -> dict:
+    """Times `steps` train steps at `context` (after compile + 1 warm-up) -> a result row.
+    `step_options`: keywords for `step.make_train_step` (e.g. loss_block_tokens, time_chunk_tokens)."""
     batch = tokens_per_step // context
     row = {"model": name, "context": context, "batch": batch, "tokens_per_step": batch * context,
            "params": config.num_params()}
@@ -64,7 +66,8 @@ def measure(name: str, config, context: int, tokens_per_step: int, steps: int, m
         with jax.set_mesh(mesh):
             graphdef, state = step_lib.init_train_state(model, tx, seed=0)
             del model
-            train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule), state)
+            train_step = step_lib.jit_train_step(
+                step_lib.make_train_step(graphdef, tx, schedule, **(step_options or {})), state)
             rng = np.random.default_rng(0)
             tokens = jax.device_put(
                 rng.integers(0, config.vocab_size, (batch, context + 1), dtype=np.int32), batch_sharding(mesh)

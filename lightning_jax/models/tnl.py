@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lightning_jax.attention import decode_step, lightning_attention
-from lightning_jax.checks import check_instance
+from lightning_jax.checks import ArgumentError, check_instance
 from lightning_jax.models import layers
 from lightning_jax.models.config import TNLConfig
 from lightning_jax.models.sharding import constrain, context_axis_of, logical_to_spec, sharded_call
@@ -71,16 +71,11 @@ class LRPE(nnx.Module):
         return jnp.concatenate([x32 * jnp.cos(angle), x32 * jnp.sin(angle)], axis=-1).astype(x.dtype)
 
 
-def _time_axis(return_state, initial_state) -> str | None:
-    """The logical name of the activations' time axis: "time" (split over the mesh's context axis,
-    if any) in the training / evaluation forward; None (whole) for prefill and calls from a state."""
-    return None if return_state or initial_state is not None else "time"
-
-
 class TokenMixer(nnx.Module):
-    """Gated linear attention ("NormLinearAttention"): fused q/k/v/u projection, silu on q and k,
-    optional LRPE, lightning attention with this layer's fixed rates (no 1/sqrt(d) scale), SRMSNorm
-    over the whole heads x head_dim, gate u (no sigmoid), output projection."""
+    """Gated linear attention ("NormLinearAttention"): fused q/k/v/u projection, silu on q and k
+    (`config.attention_activation`: silu, relu or none), optional LRPE, lightning attention with
+    this layer's fixed rates (no 1/sqrt(d) scale), SRMSNorm over the whole heads x head_dim, gate u
+    (no sigmoid), output projection."""
 
     def __init__(self, config: TNLConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
@@ -95,7 +90,9 @@ class TokenMixer(nnx.Module):
     def _project(self, x, positions, pad_mask):
         dtype = jnp.dtype(self.config.dtype)
         q, k, v, u = jnp.einsum("btd,dfhk->fbthk", x.astype(dtype), self.qkvu[...].astype(dtype))
-        q, k = jax.nn.silu(q), jax.nn.silu(k)
+        activation = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}[self.config.attention_activation]
+        if activation is not None:
+            q, k = activation(q), activation(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)
         if pad_mask is not None:  # zero k and v at pads: exact for left padding (state stays 0)
@@ -109,16 +106,16 @@ class TokenMixer(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", u * o, self.out[...].astype(dtype))
 
     @jax.named_scope("token_mixer")
-    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False):
-        """x: [batch, time, D]; rates: [heads]; positions, pad_mask: [batch, time].
+    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
+                 time: str | None = "time"):
+        """x: [batch, time, D]; rates: [heads]; positions, pad_mask: [batch, time]; initial_state:
+        None (zeros) or fp32 [batch, heads, dim_k, dim_v]. `time`: the logical name of the time axis:
+        "time" splits it over the mesh's context axis (if any), and each device runs the op on its
+        slice with context_axis= (one all-gather of fp32 states per call); None keeps it whole.
 
         Returns (y [batch, time, D], final state fp32 [batch, heads, dim_k, dim_v] or None)."""
         q, k, v, u = self._project(x, positions, pad_mask)
         c = self.config
-        # The training forward splits time over the mesh's context axis (if any): each device runs
-        # the op on its slice with context_axis= (one all-gather of fp32 states per call). Prefill
-        # (return_state) and calls from a given state keep time whole.
-        time = _time_axis(return_state, initial_state)
         bthd, bhde = ("batch", time, "heads", None), ("batch", "heads", None, None)
         context_axis = context_axis_of(logical_to_spec(bthd, q.shape))
 
@@ -154,12 +151,13 @@ class TNLBlock(nnx.Module):
     def _norm(self, x):
         return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
 
-    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False):
+    def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
+                 time: str | None = "time"):
         h, state = self.mixer(self._norm(x), rates, positions, pad_mask,
-                              initial_state=initial_state, return_state=return_state)
+                              initial_state=initial_state, return_state=return_state, time=time)
         x = x + h.astype(x.dtype)
         x = x + self.glu(self._norm(x)).astype(x.dtype)
-        return constrain(x, ("batch", _time_axis(return_state, initial_state), None)), state
+        return constrain(x, ("batch", time, None)), state
 
     def decode(self, x, rates, positions, state):
         h, state = self.mixer.decode(self._norm(x), rates, positions, state)
@@ -212,12 +210,14 @@ class TNL(nnx.Module):
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         positions = layers.positions_from_mask(pad_mask, batch, time)
+        # Training and evaluation split time over the mesh's context axis (if any); prefill keeps it
+        # whole. The embedding's output is split like the blocks'.
+        time_axis = None if return_states else "time"
 
         def layer(block, x, rates):
-            return block(x, rates, positions, pad_mask, return_state=return_states)
+            return block(x, rates, positions, pad_mask, return_state=return_states, time=time_axis)
 
-        # The embedding's output split like the blocks' (time over context when training).
-        x = self._embed(tokens, time=_time_axis(return_states, None))
+        x = self._embed(tokens, time=time_axis)
         x, states = self.groups(layer, x, self._rates())
         return (self._logits(x) if logits else self._final_norm(x)), states
 
@@ -232,6 +232,41 @@ class TNL(nnx.Module):
         dtype. The logits are `layers.head_logits(hidden, *self.logits_weight())`; the training loss
         computes them block by block from here (lightning_jax/training/loss.py)."""
         return self._run(tokens, pad_mask, return_states=False, logits=False)[0]
+
+    def empty_cache(self, batch: int) -> TNLCache:
+        """The cache at the start of `batch` sequences: zero states, position 0."""
+        c = self.config
+
+        def zeros(layer):
+            dim_k = c.head_dim * (2 if c.uses_lrpe(layer) else 1)
+            return jnp.zeros((batch, c.num_heads, dim_k, c.head_dim), F32)
+
+        return TNLCache(states=self.groups.per_layer(zeros), position=jnp.zeros((batch,), jnp.int32))
+
+    @jax.named_scope("tnl")
+    def extend(self, tokens: jax.Array, cache: TNLCache) -> tuple[jax.Array, TNLCache]:
+        """Continues each row's sequence from `cache` with `tokens` [batch, time] int (no padding):
+        the final normed hidden states [batch, time, D] in the compute dtype, and the cache after
+        these tokens.
+
+        Feeding a sequence through `extend` a chunk at a time, from `empty_cache`, gives the hidden
+        states of one `hidden_states` call over the whole sequence: each layer's state carries
+        everything earlier tokens contribute, so memory follows the chunk, not the sequence
+        (training/chunked.py trains this way). Differentiable in the parameters and in
+        `cache.states`. Time is split over the mesh's context axis (if any), as in training."""
+        layers.check_tokens(tokens, None)
+        batch, time = tokens.shape
+        if cache.position.shape != (batch,):
+            raise ArgumentError("cache.position", f"got shape {cache.position.shape}, expected [batch] = ({batch},)")
+        positions = cache.position[:, None] + jnp.arange(time, dtype=jnp.int32)
+
+        def layer(block, x, rates_and_state):
+            rates, state = rates_and_state
+            return block(x, rates, positions, initial_state=state, return_state=True, time="time")
+
+        x = self._embed(tokens, time="time")
+        x, states = self.groups(layer, x, tuple(zip(self._rates(), cache.states, strict=True)))
+        return self._final_norm(x), TNLCache(states, cache.position + time)
 
     def logits_weight(self) -> tuple[jax.Array, int]:
         """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""

@@ -1,7 +1,8 @@
 """Metrics: `workdir/metrics.jsonl` (one JSON object per line), optional TensorBoard, MFU.
 
 Training rows: step, loss, lr, grad_norm, tokens_per_sec, tokens_per_sec_per_device, mfu (null when
-the device's peak is unknown, e.g. on CPU). Evaluation rows: step, eval_loss, eval_perplexity,
+the device's peak is unknown, e.g. on CPU), peak_memory_gib (the most device memory in use so far,
+max over this process's devices; null where the backend does not report it, e.g. on CPU). Evaluation rows: step, eval_loss, eval_perplexity,
 eval_tokens. Only process 0 writes; every line is flushed at once, so a crash loses nothing logged.
 """
 
@@ -41,6 +42,17 @@ def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float | 
     if not peak:
         return None
     return flops_per_token * tokens_per_sec_per_device / peak
+
+
+def peak_memory_gib(devices=None) -> float | None:
+    """The most memory in use so far on any of `devices` (default: this process's), in GiB, from
+    the allocator's `peak_bytes_in_use`; None where the backend has no memory stats (CPU)."""
+    peaks = []
+    for device in devices if devices is not None else jax.local_devices():
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return round(max(peaks) / 2**30, 3) if peaks else None
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -26,20 +26,31 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax.models.sharding import constrain
-from lightning_jax.training import loss as loss_lib
+from lightning_jax.training import chunked, loss as loss_lib
 from lightning_jax.training.config import DEFAULT_LOSS_BLOCK_TOKENS
 
 TrainState = dict[str, Any]
 
 
+def _chunked(tokens: jax.Array, time_chunk_tokens: int) -> bool:
+    """Whether sequences of `tokens` [batch, seq_len + 1] go through the model a chunk at a time."""
+    return bool(time_chunk_tokens) and tokens.shape[1] - 1 > time_chunk_tokens
+
+
 def loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array, *,
-              loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS) -> tuple[jax.Array, jax.Array]:
+              loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS,
+              time_chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
     """Weighted next-token cross-entropy: (sum of loss * weight, sum of weight), float32 scalars.
 
     tokens: int32 [batch, seq_len + 1]; weights: float32 [batch, seq_len] (0 on padding).
     loss_block_tokens: the logits of this many tokens per device at a time, from the model's final
     hidden states (training/loss.py); 0 or None: the model's full logits (the reference).
+    time_chunk_tokens: sequences longer than this run through the model this many tokens at a time
+    (TNL only; training/chunked.py); 0: whole.
     """
+    if _chunked(tokens, time_chunk_tokens):
+        return chunked.chunked_loss_sums(graphdef, params, rest, tokens, weights, chunk_tokens=time_chunk_tokens,
+                                         loss_block_tokens=loss_block_tokens)
     model = nnx.merge(graphdef, params, rest)
     # Batches arrive split over the batch axes only (seq_len + 1 columns do not split evenly over a
     # context axis); inputs, targets and weights are split over time (logical "time": the mesh's
@@ -98,14 +109,14 @@ def state_shardings(state: TrainState):
 
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1, *,
-    loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS,
+    loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS, time_chunk_tokens: int = 0,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, tokens) -> (state, metrics)`, not yet jitted (see `jit_train_step`).
 
     With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are averaged
     (in float32) before one update: the same update as the whole batch at once, in 1/k the
     activation memory. metrics: loss (mean over the batch), grad_norm (before clipping), lr.
-    `loss_block_tokens`: see `loss_sums`.
+    `loss_block_tokens`, `time_chunk_tokens`: see `loss_sums`.
     """
 
     def mean_loss(params, rest, tokens):
@@ -113,7 +124,12 @@ def make_train_step(
         total, count = loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
         return total / count
 
-    grad_fn = jax.value_and_grad(mean_loss)
+    def grad_fn(params, rest, tokens):
+        if _chunked(tokens, time_chunk_tokens):
+            weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+            return chunked.chunked_loss_and_grad(graphdef, params, rest, tokens, weights,
+                                                 chunk_tokens=time_chunk_tokens, loss_block_tokens=loss_block_tokens)
+        return jax.value_and_grad(mean_loss)(params, rest, tokens)
 
     def train_step(state: TrainState, tokens: jax.Array):
         params, rest = state["params"], state["rest"]
@@ -151,24 +167,26 @@ def jit_train_step(train_step, state: TrainState):
     return jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
 
 
-def make_eval_sums(graphdef, *, loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS):
+def make_eval_sums(graphdef, *, loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS, time_chunk_tokens: int = 0):
     """jit-ted `eval_sums(params, rest, tokens, weights) -> (sum loss*w, sum w)` over the global
     (sharded) batch: XLA reduces across all devices and returns replicated scalars."""
 
     def eval_sums(params, rest, tokens, weights):
-        return loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
+        return loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens,
+                         time_chunk_tokens=time_chunk_tokens)
 
     return jax.jit(eval_sums)
 
 
 def make_pmap_eval_sums(graphdef, axis_name: str = "devices", *,
-                        loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS):
+                        loss_block_tokens: int | None = DEFAULT_LOSS_BLOCK_TOKENS, time_chunk_tokens: int = 0):
     """The same sums through `jax.pmap`: tokens [local_devices, rows_per_device, seq_len + 1],
     weights [local_devices, rows_per_device, seq_len]; params and rest broadcast (in_axes None).
     Returns per-device copies of the sums over all devices (psum)."""
 
     def local(params, rest, tokens, weights):
-        total, count = loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens)
+        total, count = loss_sums(graphdef, params, rest, tokens, weights, loss_block_tokens=loss_block_tokens,
+                                 time_chunk_tokens=time_chunk_tokens)
         return jax.lax.psum(total, axis_name), jax.lax.psum(count, axis_name)
 
     return jax.pmap(local, axis_name=axis_name, in_axes=(None, None, 0, 0))
