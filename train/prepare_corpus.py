@@ -7,6 +7,9 @@
     python train/main.py --config train/configs/demo.py --config.data.corpus=data/tinystories_gpt2 \
         --config.model.vocab_size=50304
 
+    python train/prepare_corpus.py --input 'fineweb/*.parquet' --split train \
+        --tokenizer sp:TransNormerLLM-385M/tokenizer.model --out data/fineweb_tnl
+
 Input files: *.txt (one document per file), *.jsonl (one {"text": ...} per line) or *.parquet with a
 "text" column (needs pyarrow). Output: <out>/<split>.bin (token ids, EOS after each document) and
 <out>/meta.json. See docs/training.md.
@@ -45,7 +48,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="glob of input files")
     parser.add_argument("--split", required=True, choices=["train", "validation"])
-    parser.add_argument("--tokenizer", default="byte", help="'byte' or 'hf:/path/to/tokenizer.json'")
+    parser.add_argument("--tokenizer", default="byte",
+                        help="'byte', 'hf:/path/to/tokenizer.json' or 'sp:/path/to/tokenizer.model' (SentencePiece)")
     parser.add_argument("--out", required=True, help="output corpus directory")
     args = parser.parse_args()
     paths = sorted(glob.glob(args.input))

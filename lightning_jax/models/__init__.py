@@ -1,7 +1,9 @@
 """Models: TransNormerLLM (`TNL`) and the LLaMA-style `Transformer` baseline, with configs and
-sharding helpers, and the registry of the two families by name (`registry`)."""
+sharding helpers, the registry of the two families by name (`registry`), and published
+TransNormerLLM checkpoints in and out (`load_hf_tnl`, `save_hf_tnl`: models/hf_tnl.py)."""
 
 from lightning_jax.models.config import TNLConfig, TransformerConfig
+from lightning_jax.models.hf_tnl import load_hf_tnl, save_hf_tnl
 from lightning_jax.models.registry import ARCHITECTURES, Architecture, build_model_config, model_class
 from lightning_jax.models.sharding import (
     DEFAULT_RULES,
@@ -25,6 +27,8 @@ __all__ = [
     "batch_sharding",
     "build_model_config",
     "create_sharded_model",
+    "load_hf_tnl",
     "make_mesh",
     "model_class",
+    "save_hf_tnl",
 ]

@@ -30,6 +30,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # None: lightning_attention's default for the backend (registry.default_implementation).
 ATTENTION_IMPLEMENTATIONS = (None, *IMPLEMENTATIONS)
 SOFTMAX_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# TNL's activation on q and k (the official config's "linear_act_fun"): silu in the released
+# models; relu and none (identity) for checkpoints trained with those.
+ATTENTION_ACTIVATIONS = ("silu", "relu", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +88,14 @@ class TNLConfig(_CommonConfig):
     and back; the SGLU is D -> `glu_dim` (twice) -> D. `lrpe_layers` lists the layers whose q and k
     get LRPE (doubling their head dim); the released models use layer 0 only. `decay` names the
     per-layer rate schedule (lightning_jax.SCHEDULES); rates are fixed, not trained.
+    `attention_activation` is applied to q and k (one of ATTENTION_ACTIVATIONS; "none": identity).
     `attention_implementation` / `block_size` are passed to `lightning_attention` (None: its default).
     """
 
     glu_dim: int = 128
     lrpe_layers: tuple[int, ...] = (0,)
     decay: str = "tnl"
+    attention_activation: str = "silu"
     attention_implementation: str | None = None
     block_size: int | None = None
 
@@ -104,6 +109,7 @@ class TNLConfig(_CommonConfig):
         if len(set(self.lrpe_layers)) != len(self.lrpe_layers):
             fail("lrpe_layers", self.lrpe_layers, "no repeated layer")
         check_choice("decay", self.decay, tuple(SCHEDULES))
+        check_choice("attention_activation", self.attention_activation, ATTENTION_ACTIVATIONS)
         check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
         check_power_of_two("block_size", self.block_size, allow_none=True)
 

@@ -12,6 +12,10 @@ def get_config() -> ConfigDict:
     config.steps = 500
     config.workdir = "runs/demo"
     config.seed = 0
+    # A TransNormerLLM checkpoint directory to start from (docs/checkpoints.md); "" starts from random
+    # weights. Its config.json then fixes the architecture (the model fields below are ignored, except
+    # dtype, param_dtype, scan_layers, remat, attention_implementation and block_size).
+    config.init_from = ""
 
     # TNLConfig.tiny() with these fields replaced (any TNLConfig field may be listed here).
     config.model = ConfigDict(dict(
@@ -26,6 +30,8 @@ def get_config() -> ConfigDict:
     ))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.checkpoint = ConfigDict(dict(enabled=True, every_steps=100, keep=3, async_save=True))
-    config.eval = ConfigDict(dict(every_steps=100, max_tokens=32768, batch_size=0, pmap=False))
+    # max_tokens=0: the whole held-out split (Macbeth and The Tempest, 201,867 bytes), so the eval loss
+    # does not depend on which part was read; larger splits are cut at 1,048,576 tokens (-1: never).
+    config.eval = ConfigDict(dict(every_steps=100, max_tokens=0, batch_size=0, pmap=False))
     config.log = ConfigDict(dict(every_steps=10, progress_bar=True, tensorboard=False, peak_tflops_per_device=0.0))
     return config

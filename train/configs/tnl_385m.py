@@ -16,6 +16,10 @@ def get_config() -> ConfigDict:
     config.steps = 100_000
     config.workdir = "runs/tnl_385m"
     config.seed = 0
+    # A TransNormerLLM checkpoint directory to start from (docs/checkpoints.md); "" starts from random
+    # weights. Its config.json then fixes the architecture (the model fields below are ignored, except
+    # dtype, param_dtype, scan_layers, remat, attention_implementation and block_size).
+    config.init_from = ""
 
     # placeholder(T): None by default, and still settable from the command line
     # (--config.model.block_size=128); ml_collections refuses to override a plain None.
