@@ -5,8 +5,11 @@
     python train/main.py --config train/configs/demo.py --mode=eval
 
 Multi-process: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM
-/ Open MPI, which JAX detects) and start one process per host. A bad config or missing data prints one
-line naming the field or path and exits with status 2.
+/ Open MPI, which JAX detects) and start one process per host. A bad config, missing data or an
+unwritable workdir prints one line naming the field or path and exits with status 2; a checkpoint
+that cannot be written (disk full) stops the run with one line and status 1; Ctrl-C saves the
+current step and exits with status 130 (a second Ctrl-C stops at once, unsaved, also 130); SIGTERM
+saves and exits with status 0. docs/training.md, "When things go wrong", has the details.
 """
 
 import importlib.util
@@ -22,6 +25,16 @@ from lightning_jax.checks import ArgumentError
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. train/configs/demo.py.", lock_config=True)
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval.")
 FLAGS = flags.FLAGS
+# Exit status after Ctrl-C (128 + SIGINT), whether the step was saved (one Ctrl-C) or not (two).
+INTERRUPTED = 130
+
+
+def _interrupted():
+    """A second Ctrl-C (or one before training began): no saving, no waiting for Orbax's threads."""
+    print("error: interrupted; stopped at once without saving (a rerun resumes from the newest checkpoint)",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(INTERRUPTED)
 
 
 def _usage_error(message: str):
@@ -125,10 +138,19 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    initialize_distributed()
-    import jax
+    try:
+        initialize_distributed()
+        import jax
 
-    from lightning_jax.training import ConfigError, DataError, evaluate, train_and_evaluate
+        from lightning_jax.training import (
+            CheckpointSaveError,
+            ConfigError,
+            DataError,
+            evaluate,
+            train_and_evaluate,
+        )
+    except KeyboardInterrupt:
+        _interrupted()
 
     try:
         if FLAGS.mode == "train":
@@ -137,9 +159,19 @@ def main(argv):
             result = evaluate(FLAGS.config)
     except (ConfigError, DataError) as e:
         _usage_error(str(e))
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Orbax's other writer threads of the failed save may still run; an ordinary exit would wait
+        # for them and print their tracebacks at interpreter shutdown.
+        os._exit(1)
+    except KeyboardInterrupt:
+        _interrupted()
     if jax.process_index() == 0:
         shown = {k: result[k] for k in ("step", "loss", "eval_loss", "eval_perplexity", "preempted") if k in result}
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    if result.get("stop_signal") == "SIGINT":
+        sys.exit(INTERRUPTED)  # saved and stopped by Ctrl-C: the shell's convention, so `a && b` stops
 
 
 if __name__ == "__main__":

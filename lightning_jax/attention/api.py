@@ -33,6 +33,7 @@ def lightning_attention(
     config=None,
     interpret: bool | None = None,
     context_axis: str | None = None,
+    checked: bool = False,
 ):
     """Causal linear attention with a constant per-head decay (Lightning Attention).
 
@@ -52,7 +53,7 @@ def lightning_attention(
       rates: [heads] decay rates, >= 0 and finite (0 means no decay). **Not differentiable**:
         differentiating through them raises an error instead of returning a wrong (zero) gradient;
         wrap them in `jax.lax.stop_gradient` if they come from something you differentiate.
-        Values are checked when known; traced rates (under `jit`) are trusted.
+        Values are checked when known; traced rates (under `jit`) are trusted unless `checked`.
       initial_state: optional [batch, heads, dim_k, dim_v] state carried in from earlier tokens
         (the `final_state` of a previous call). Differentiable.
       return_final_state: also return the float32 state after the last token.
@@ -81,6 +82,15 @@ def lightning_attention(
         "pallas" needs `check_vma=False`). Gradients flow as without it. None (default): the whole
         sequence is here. A name not bound here (outside shard_map) raises an error.
         See `context_parallel.py` and docs/lightning-math.md.
+      checked: also check the values that argument checks cannot see under `jit`, with JAX's
+        `checkify`: rates finite and >= 0, q, k, v and initial_state finite, and the outputs finite
+        (float16 outputs overflow past 65504, e.g. without decay on long sequences). Off by default
+        (it adds reductions over the outputs). Eager calls raise at once; under `jit`, wrap the
+        function with `jax.experimental.checkify.checkify` and call `.throw()` on its error::
+
+            f = checkify.checkify(jax.jit(lambda q, k, v, r: lightning_attention(q, k, v, r, checked=True)))
+            err, o = f(q, k, v, rates)
+            err.throw()   # JaxRuntimeError naming the argument, e.g. "rates: got [-1. ...], expected ..."
 
     Returns:
       o: [batch, time, heads, dim_v] in q's dtype; or (o, final_state) with final_state float32
@@ -99,6 +109,9 @@ def lightning_attention(
         interpret = checks.check_bool("interpret", interpret)
     if context_axis is not None:
         context_parallel.check_context_axis(context_axis)
+    checked = checks.check_bool("checked", checked)
+    if checked:
+        _checkify_inputs(q, k, v, rates, initial_state)
     rates = _no_rate_gradient(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
@@ -108,11 +121,50 @@ def lightning_attention(
             return_final_state=return_final_state, scale=scale, block_size=block_size, config=config,
             interpret=interpret,
         )
-        return (o, final_state) if return_final_state else o
-    o, final_state = impl.load()(
-        q, k, v, rates, initial_state, scale=scale, block_size=block_size, config=config, interpret=interpret
-    )
+    else:
+        o, final_state = impl.load()(
+            q, k, v, rates, initial_state, scale=scale, block_size=block_size, config=config, interpret=interpret
+        )
+    if checked:
+        _checkify_outputs(o, final_state if return_final_state else None)
     return (o, final_state) if return_final_state else o
+
+
+# ----------------------------------------------------------------------------------------------
+# checked=True: value checks that also work on traced values (JAX's checkify).
+
+
+def _count_non_finite(x):
+    return jnp.sum(~jnp.isfinite(x.astype(jnp.float32)))
+
+
+def _checkify_inputs(q, k, v, rates, initial_state) -> None:
+    from jax.experimental import checkify
+
+    r = rates.astype(jnp.float32)
+    checkify.check(jnp.all(jnp.isfinite(r) & (r >= 0)),
+                   "rates: got {rates}, expected finite values >= 0 (decay = exp(-rate))", rates=r)
+    for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
+        if x is not None:
+            checkify.check(_count_non_finite(x) == 0,
+                           f"{name}: got {{n}} inf or NaN values of {x.size}, expected finite values",
+                           n=_count_non_finite(x))
+
+
+def _checkify_outputs(o, final_state) -> None:
+    from jax.experimental import checkify
+
+    overflow = ""
+    if o.dtype == jnp.float16:
+        overflow = (" (float16 holds at most 65504: without decay (rate 0) the outputs grow with the sequence "
+                    "length; see docs/lightning-math.md, 'Checked mode and float16')")
+    checkify.check(_count_non_finite(o) == 0,
+                   f"lightning_attention output o: {{n}} of {o.size} values are inf or NaN{overflow}",
+                   n=_count_non_finite(o))
+    if final_state is not None:
+        checkify.check(_count_non_finite(final_state) == 0,
+                       f"lightning_attention final_state: {{n}} of {final_state.size} values are inf or NaN",
+                       n=_count_non_finite(final_state))
 
 
 def _check_config(name: str, config_type, config) -> None:

@@ -206,6 +206,27 @@ def sharded_call(fn: Callable, args: Sequence, logical: Sequence[Sequence[str | 
     )
 
 
+def unsplit_axes(model: nnx.Module, mesh: jax.sharding.Mesh) -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """The parameter dimensions that their sharding rules would split over mesh axes of size > 1
+    but that stay whole, because those axes do not divide them (e.g. vocab 257 over tensor = 2):
+    (parameter path, logical name, size, the mesh axes left out), for a start-up warning."""
+    found = []
+    state = nnx.state(model, nnx.Param)
+    for path, var in jax.tree.leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        meta = var.get_metadata() if isinstance(var, nnx.Variable) else {}
+        logical, rules = meta.get("out_sharding"), meta.get("sharding_rules") or DEFAULT_RULES
+        if not logical or not hasattr(var, "shape"):
+            continue
+        table = dict(rules)
+        for name, size in zip(logical, var.shape):
+            wanted = [a for a in _usable_axes(mesh, table.get(name), None) if mesh.shape[a] > 1] if name else []
+            kept = _usable_axes(mesh, table.get(name), size) if name else ()
+            dropped = tuple(a for a in wanted if a not in kept)
+            if dropped:
+                found.append((".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), name, size, dropped))
+    return found
+
+
 def partition_specs(model: nnx.Module, rules=None):
     """The PartitionSpec of each parameter of `model` under `rules` (default DEFAULT_RULES)."""
     rules = DEFAULT_RULES if rules is None else tuple(rules)

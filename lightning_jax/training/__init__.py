@@ -19,6 +19,7 @@ import importlib
 _EXPORTS = {
     "TrainConfig": "config",
     "ConfigError": "config",
+    "CheckpointSaveError": "checkpoint",
     "DataError": "data",
     "ByteTokenizer": "data",
     "train_and_evaluate": "loop",

@@ -113,7 +113,11 @@ class OptimConfig(_Checked):
     """AdamW with linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at the last step, and
     global-norm clipping. `grad_accum_steps` splits each step's batch into that many microbatches.
     `loss_block_tokens`: the cross-entropy (training and evaluation) computes the logits of this many
-    tokens per device at a time (training/loss.py); 0 (or None) computes all the logits at once."""
+    tokens per device at a time (training/loss.py); 0 (or None) computes all the logits at once.
+    `time_chunk_tokens`: sequences longer than this run through the model this many tokens at a
+    time, each layer's state carried from chunk to chunk (training/chunked.py, TNL only): activation
+    memory follows the chunk, not the sequence, at the FLOPs of full remat (set `model.remat` to
+    "none" with it: the chunk is already recomputed). 0 keeps sequences whole."""
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -125,6 +129,7 @@ class OptimConfig(_Checked):
     clip_norm: float = 1.0
     grad_accum_steps: int = 1
     loss_block_tokens: int = DEFAULT_LOSS_BLOCK_TOKENS
+    time_chunk_tokens: int = 0
 
     _path = "optim"
 
@@ -141,6 +146,7 @@ class OptimConfig(_Checked):
         if self.loss_block_tokens is None:
             object.__setattr__(self, "loss_block_tokens", 0)
         self._int("loss_block_tokens", minimum=0)
+        self._int("time_chunk_tokens", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +194,9 @@ class CheckpointConfig(_Checked):
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Checked):
     """Validation every `every_steps` (0: only at the end) over the first `max_tokens` held-out
-    tokens (0: all). `batch_size` 0 uses data.batch_size. `pmap` selects the jax.pmap path."""
+    tokens: 0 (default) the whole split when it holds at most 1,048,576 tokens, else its first
+    1,048,576 (evaluation.AUTO_MAX_TOKENS); -1 the whole split whatever its size. `batch_size` 0
+    uses data.batch_size. `pmap` selects the jax.pmap path."""
 
     every_steps: int = 200
     max_tokens: int = 0
@@ -199,7 +207,7 @@ class EvalConfig(_Checked):
 
     def _check(self):
         self._int("every_steps", minimum=0)
-        self._int("max_tokens", minimum=0)
+        self._int("max_tokens", minimum=-1)
         self._int("batch_size", minimum=0)
         self._bool("pmap")
 
@@ -236,11 +244,15 @@ _SECTIONS = {
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Checked):
     """Everything a run needs. `steps` optimizer updates; `workdir` holds checkpoints/ and
-    metrics.jsonl; `seed` fixes initialisation and the data order."""
+    metrics.jsonl; `seed` fixes initialisation and the data order. `init_from`: a TransNormerLLM
+    checkpoint directory (official Hugging Face layout, models/hf_tnl.py) to start from instead of a
+    random initialisation; its config.json then fixes the model's architecture, and `model` only
+    the run's choices (dtype, param_dtype, scan_layers, remat, attention implementation)."""
 
     steps: int
     workdir: str
     seed: int = 0
+    init_from: str = ""
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -255,6 +267,10 @@ class TrainConfig(_Checked):
         if not self.workdir:
             fail("workdir", self.workdir, "a directory path")
         self._int("seed", minimum=0)
+        check_str("init_from", self.init_from)
+        if self.init_from and self.model.arch != "tnl":
+            fail("init_from", self.init_from,
+                 f"'' for model.arch={self.model.arch!r}: only TransNormerLLM (tnl) checkpoints load")
         if self.data.batch_size % self.optim.grad_accum_steps:
             fail(
                 "optim.grad_accum_steps",
@@ -271,6 +287,15 @@ class TrainConfig(_Checked):
                      f"a multiple of mesh.context={self.mesh.context} (each sequence is split evenly over "
                      "the context devices)")
 
+        if self.optim.time_chunk_tokens:
+            if self.model.arch != "tnl":
+                fail("optim.time_chunk_tokens", self.optim.time_chunk_tokens,
+                     f"0 for model.arch={self.model.arch!r}: chunked sequences need a recurrent state (TNL)")
+            if self.optim.time_chunk_tokens % self.mesh.context:
+                fail("optim.time_chunk_tokens", self.optim.time_chunk_tokens,
+                     f"a multiple of mesh.context={self.mesh.context} (each chunk is split evenly over "
+                     "the context devices)")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """Builds from nested mappings (e.g. `ConfigDict.to_dict()`); unknown or missing fields raise
@@ -281,7 +306,7 @@ class TrainConfig(_Checked):
                 raise ConfigError(required, "missing, every config needs steps, workdir and seed").under(ROOT)
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key in ("steps", "workdir", "seed"):
+            if key in ("steps", "workdir", "seed", "init_from"):
                 kwargs[key] = value
             elif key == "model":
                 model = dict(value)
@@ -291,7 +316,7 @@ class TrainConfig(_Checked):
             elif key in _SECTIONS:
                 kwargs[key] = _section(key, _SECTIONS[key], value)
             else:
-                known = ["steps", "workdir", "seed", "model", *_SECTIONS]
+                known = ["steps", "workdir", "seed", "init_from", "model", *_SECTIONS]
                 raise ConfigError(key, f"unknown field, expected one of {known}").under(ROOT)
         return cls(**kwargs)
 

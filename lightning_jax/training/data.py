@@ -104,13 +104,47 @@ class HuggingFaceTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+class SentencePieceTokenizer:
+    """A SentencePiece model file read from disk, offline: TransNormerLLM's `tokenizer.model` (64,000
+    pieces, pad 0, BOS 1, EOS 2). Text is encoded without BOS or EOS (the pipeline appends EOS after
+    each document)."""
+
+    def __init__(self, path: str):
+        try:
+            import sentencepiece
+        except ImportError as e:
+            raise DataError(
+                f"config.data.tokenizer: sp:{path} needs the `sentencepiece` package (pip install sentencepiece)"
+            ) from e
+        if not os.path.isfile(path):
+            raise DataError(f"config.data.tokenizer: tokenizer file {path} does not exist")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"config.data.tokenizer: {path} is not a SentencePiece model ({e})") from e
+        self.vocab_size = self._sp.get_piece_size()
+        self.eos_id, self.bos_id, self.pad_id = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
+        if self.eos_id < 0:
+            raise DataError(f"config.data.tokenizer: {path} defines no EOS piece, expected one (e.g. </s>)")
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text, out_type=int), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+
 def make_tokenizer(spec: str) -> Tokenizer:
-    """``"byte"`` or ``"hf:/path/to/tokenizer.json"``."""
+    """``"byte"``, ``"hf:/path/to/tokenizer.json"`` (the `tokenizers` library) or
+    ``"sp:/path/to/tokenizer.model"`` (SentencePiece, e.g. TransNormerLLM's)."""
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("hf:"):
         return HuggingFaceTokenizer(spec[3:])
-    raise DataError(f"config.data.tokenizer: got {spec!r}, expected 'byte' or 'hf:/path/to/tokenizer.json'")
+    if spec.startswith("sp:"):
+        return SentencePieceTokenizer(spec[3:])
+    raise DataError(f"config.data.tokenizer: got {spec!r}, expected 'byte', 'hf:/path/to/tokenizer.json' or "
+                    "'sp:/path/to/tokenizer.model'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
 
 import jax
@@ -14,7 +16,42 @@ from lightning_jax.training import data as data_lib
 from lightning_jax.training import metrics as metrics_lib
 from lightning_jax.training import step as step_lib
 from lightning_jax.training.config import ConfigError
-from lightning_jax.training.run import Run, as_config, global_batch, local_rows, restore_run
+from lightning_jax.training.run import (
+    Run,
+    as_config,
+    check_workdir,
+    global_batch,
+    local_rows,
+    restore_run,
+)
+
+log = logging.getLogger(__name__)
+
+
+# eval.max_tokens = 0 (the default) evaluates the whole held-out split when it holds at most this many
+# tokens (the demo's two plays: 202 K), else its first this many: a fixed, seed-independent set that
+# a large corpus (FineWeb) does not turn into an hour-long evaluation.
+AUTO_MAX_TOKENS = 1 << 20
+
+
+def eval_token_limit(max_tokens: int) -> int | None:
+    """The number of held-out tokens to evaluate for `config.eval.max_tokens` (None: all): -1 all,
+    0 all up to AUTO_MAX_TOKENS, N > 0 the first N."""
+    if max_tokens == -1:
+        return None
+    return max_tokens or AUTO_MAX_TOKENS
+
+
+def eval_rows(cfg, tokenizer):
+    """The validation rows `cfg.eval.max_tokens` selects (`data.validation_rows`); says so in one log
+    line when the default cut a split larger than AUTO_MAX_TOKENS."""
+    tokens, weights = data_lib.validation_rows(
+        cfg.data.corpus, tokenizer, seq_len=cfg.data.seq_len, max_tokens=eval_token_limit(cfg.eval.max_tokens)
+    )
+    if cfg.eval.max_tokens == 0 and int(weights.sum()) >= AUTO_MAX_TOKENS and jax.process_index() == 0:
+        log.warning(f"eval: the held-out split is larger than {AUTO_MAX_TOKENS} tokens; evaluating its first "
+                    f"{AUTO_MAX_TOKENS} (config.eval.max_tokens=-1 evaluates all of it, N the first N)")
+    return tokens, weights
 
 
 class Evaluator:
@@ -33,12 +70,10 @@ class Evaluator:
         if self.pmap and self.batch_size % jax.device_count():
             fail("config.eval.batch_size", self.batch_size,
                  f"a multiple of the {jax.device_count()} devices for eval.pmap", kind=ConfigError)
-        self.tokens, self.weights = data_lib.validation_rows(
-            cfg.data.corpus, run.tokenizer, seq_len=cfg.data.seq_len, max_tokens=cfg.eval.max_tokens or None
-        )
-        block = cfg.optim.loss_block_tokens
-        self._jit = step_lib.make_eval_sums(run.graphdef, loss_block_tokens=block)
-        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef, loss_block_tokens=block) if self.pmap else None
+        self.tokens, self.weights = eval_rows(cfg, run.tokenizer)
+        loss = dict(loss_block_tokens=cfg.optim.loss_block_tokens, time_chunk_tokens=cfg.optim.time_chunk_tokens)
+        self._jit = step_lib.make_eval_sums(run.graphdef, **loss)
+        self._pmap = step_lib.make_pmap_eval_sums(run.graphdef, **loss) if self.pmap else None
 
     def __call__(self, state) -> dict[str, float]:
         total = count = 0.0
@@ -77,10 +112,13 @@ class Evaluator:
 
 def evaluate(config, workdir: str | None = None, *, step: int | None = None, pmap: bool | None = None,
              tokenizer=None, write_metrics: bool = True) -> dict[str, Any]:
-    """Restores checkpoint `step` (default: latest) of `workdir` onto this config's mesh and returns
-    {"step", "eval_loss", "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl
-    (marked "mode": "eval") unless `write_metrics` is False."""
+    """Restores checkpoint `step` (default: the newest intact one; damaged ones are named in a log
+    line and skipped) of `workdir` onto this config's mesh and returns {"step", "eval_loss",
+    "eval_perplexity", "eval_tokens"}; also appends the row to metrics.jsonl (marked "mode":
+    "eval") unless `write_metrics` is False."""
     config = as_config(config, workdir)
+    if write_metrics and os.path.isdir(config.workdir):
+        check_workdir(config.workdir)  # metrics.jsonl is written at the end: say so before compiling
     run, state = restore_run(config, tokenizer, step)
     run.state = None
     row = {"step": int(state["step"]), **Evaluator(run, pmap=pmap)(state)}

@@ -1,9 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop, and `load_model`.
 
-A run: build the mesh and the sharded model (`run.setup_run`), restore the latest checkpoint if
-there is one (model, optimizer, step, RNG and data position), then step; log, evaluate
-(`evaluation.Evaluator`) and checkpoint on their intervals; save at the end. On SIGTERM (or a JAX
-preemption notice in multi-process runs) the current step is saved and the function returns cleanly.
+A run: check that the workdir is writable, build the mesh and the sharded model (`run.setup_run`),
+restore the newest intact checkpoint if there is one (model, optimizer, step, RNG and data
+position; damaged ones are named and moved to `workdir/damaged_checkpoints/`), then step; log,
+evaluate (`evaluation.Evaluator`) and checkpoint on their intervals; save at the end. On SIGTERM or
+Ctrl-C (SIGINT; or a JAX preemption notice in multi-process runs) the current step is saved and the
+function returns cleanly (a second Ctrl-C raises KeyboardInterrupt at once). A checkpoint that
+cannot be written stops the run with `checkpoint.CheckpointSaveError`.
 
 Multi-process: call `jax.distributed.initialize()` first (the CLI does). Every process runs the same
 code and feeds its own slice of each batch; only process 0 writes metrics and shows progress.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import signal
 import sys
 import threading
@@ -29,7 +33,16 @@ from lightning_jax.training import metrics as metrics_lib
 from lightning_jax.training import step as step_lib
 from lightning_jax.training.config import ConfigError, TrainConfig
 from lightning_jax.training.evaluation import Evaluator
-from lightning_jax.training.run import Run, as_config, global_batch, restore_run, setup_run
+from lightning_jax.training.run import (
+    Run,
+    as_config,
+    check_workdir,
+    global_batch,
+    restore_run,
+    setup_run,
+)
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,27 +76,59 @@ class _IteratorSnapshot:
 
 
 class _StopSignal:
-    """Turns SIGTERM into a flag the loop checks between steps (then it saves and returns).
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between steps (then it saves
+    and returns). A second Ctrl-C raises KeyboardInterrupt at once: nothing more is saved.
 
     Only in the main thread of a single-process run: with jax.distributed, JAX's own preemption
     notifier handles SIGTERM and `CheckpointManager.reached_preemption` reports it on all processes
     at the same step."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.name: str | None = None  # "SIGTERM" or "SIGINT" once requested
+        self._previous: dict = {}
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, unsaved
+        if not self.requested:
+            self.requested, self.name = True, signal.Signals(signum).name
+            again = " (Ctrl-C again stops at once, unsaved)" if signum == signal.SIGINT else ""
+            log.warning(f"{self.name}: finishing this step, saving it and stopping{again}")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+
+
+@contextlib.contextmanager
+def _close_on_error(manager):
+    """On an error other than KeyboardInterrupt, closes `manager` (finishing a save in flight, so
+    no Orbax thread outlives the run); a KeyboardInterrupt (second Ctrl-C) waits for nothing."""
+    try:
+        yield
+    except Exception:
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.close()
+        raise
+
+
+def _check_processes(step: int, meta: dict) -> None:
+    """The data iterator resumes only with the process count the checkpoint was written by."""
+    if meta.get("process_count", 1) != jax.process_count():
+        raise ConfigError(
+            "config.workdir",
+            f"checkpoint {step} was written by {meta['process_count']} processes; "
+            f"the data iterator resumes only with the same number (got {jax.process_count()})",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,9 +143,13 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
       workdir: overrides config.workdir.
       tokenizer: a `data.Tokenizer` to use instead of config.data.tokenizer.
 
-    Returns the last logged metrics plus `step` and `preempted`.
+    Returns the last logged metrics plus `step`, `preempted` (stopped early after saving),
+    `stop_signal` ("SIGTERM", "SIGINT" or None) and `last_checkpoint`. Raises ConfigError for an
+    unwritable workdir (before anything compiles) and `checkpoint.CheckpointSaveError` when a
+    checkpoint cannot be written.
     """
     config = as_config(config, workdir)
+    check_workdir(config.workdir)  # before anything compiles
     run = setup_run(config, tokenizer)
     cfg = run.config
     is_main = jax.process_index() == 0
@@ -112,28 +161,32 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
     )
     data_iterator = iter(dataset)
 
+    if cfg.checkpoint.enabled:
+        ckpt.remove_unfinished(cfg.workdir)
     manager = ckpt.make_manager(cfg.workdir, cfg.checkpoint) if cfg.checkpoint.enabled else None
     state = run.state
     start_step = 0
-    if manager is not None and manager.latest_step() is not None:
-        meta = manager.restore(manager.latest_step(), args=_meta_only())["meta"]
-        if meta.get("process_count", 1) != jax.process_count():
-            raise ConfigError(
-                "config.workdir",
-                f"{ckpt.checkpoint_dir(cfg.workdir)} was written by {meta['process_count']} processes; "
-                f"the data iterator resumes only with the same number (got {jax.process_count()})",
-            )
-        state, _ = ckpt.restore(manager, state, data_iterator)
-        start_step = int(state["step"])
+    had_checkpoints = manager is not None and manager.latest_step() is not None
+    if had_checkpoints:
+        # Damaged checkpoints are named, moved to workdir/damaged_checkpoints/ and skipped.
+        restored = ckpt.restore_newest_intact(manager, cfg.workdir, state, data_iterator, move_damaged=True,
+                                              check_meta=_check_processes)
+        if restored is not None:
+            state = restored[0]
+            start_step = int(state["step"])
+    saves = ckpt.SaveWatch(manager, cfg.workdir, committed=start_step or None) if manager is not None else None
+    # Failed asynchronous saves are seen after each step here; with several processes at the next save.
+    watch_every_step = jax.process_count() == 1
     run.state = None  # the loop owns the state from here (it is donated each step)
 
     writer = metrics_lib.MetricsWriter(cfg.workdir, tensorboard=cfg.log.tensorboard)
-    if start_step:
+    if had_checkpoints:  # also when every checkpoint was damaged: the run starts over from 0
         writer.truncate_after(start_step)
     evaluator = Evaluator(run)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(run.graphdef, run.tx, run.schedule, cfg.optim.grad_accum_steps,
-                                 loss_block_tokens=cfg.optim.loss_block_tokens),
+                                 loss_block_tokens=cfg.optim.loss_block_tokens,
+                                 time_chunk_tokens=cfg.optim.time_chunk_tokens),
         state,
     )
 
@@ -147,7 +200,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
     preempted = False
     step = start_step
     interval_start, interval_steps, excluded = time.perf_counter(), 0, 0.0
-    with _StopSignal() as stop, progress:
+    with _StopSignal() as stop, progress, ckpt.one_line_orbax_errors(), _close_on_error(manager):
         while step < cfg.steps:
             local = next(data_iterator)["tokens"]
             with jax.set_mesh(run.mesh):
@@ -155,6 +208,8 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
             step += 1
             interval_steps += 1
             progress.update(1)
+            if saves is not None and watch_every_step:
+                saves.check(step)  # CheckpointSaveError as soon as a save in flight has failed
 
             if step % cfg.log.every_steps == 0 or step == cfg.steps:
                 values = jax.device_get(step_metrics)  # waits for the step: the timing is honest
@@ -169,6 +224,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
                     "tokens_per_sec": tokens_per_sec,
                     "tokens_per_sec_per_device": per_device,
                     "mfu": metrics_lib.mfu(flops_per_token, per_device, peak),
+                    "peak_memory_gib": metrics_lib.peak_memory_gib(),
                 }
                 writer.write(last_row)
                 progress.set_postfix(loss=f"{last_row['loss']:.4f}", refresh=False)
@@ -185,25 +241,24 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
             if manager is not None:
                 t0 = time.perf_counter()
                 force = stop_now or step == cfg.steps
-                if ckpt.save(manager, step, state, _IteratorSnapshot(data_iterator), _meta(run, step),
-                             every_steps=cfg.checkpoint.every_steps, force=force):
+                if saves.save(step, state, _IteratorSnapshot(data_iterator), _meta(run, step),
+                              every_steps=cfg.checkpoint.every_steps, force=force):
                     last_saved = step
                 excluded += time.perf_counter() - t0
             if stop_now:
                 preempted = True
                 break
 
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        if saves is not None:
+            saves.check(step, blocking=True)  # the last save, written
+            manager.close()
     writer.close()
-    return {**last_row, "step": step, "preempted": preempted, "last_checkpoint": last_saved}
-
-
-def _meta_only():
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(meta=ocp.args.JsonRestore())
+    if preempted and is_main:
+        saved = f"checkpoint {last_saved} saved" if last_saved == step else "checkpointing is off, nothing saved"
+        log.warning(f"stopped by {stop.name or 'a preemption notice'} after step {step}; {saved}; "
+                    "run the same command to resume")
+    return {**last_row, "step": step, "preempted": preempted, "stop_signal": stop.name,
+            "last_checkpoint": last_saved}
 
 
 def _progress_bar(cfg: TrainConfig, start_step: int, *, enabled: bool):
