@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 # (part, substring of the op_name) in priority order: the first match names the part.
 PARTS = (
-    ("loss head (logits, cross-entropy)", ("/loss", "lm_head", "cross_entropy")),
+    ("loss head (logits, cross-entropy)", ("loss", "lm_head", "cross_entropy")),
     ("attention op", ("/attention",)),
     ("token mixer (projections, LRPE, norm, gate)", ("token_mixer",)),
     ("channel mixer (SGLU)", ("channel_mixer",)),

@@ -61,3 +61,13 @@ def test_default_softmax_is_cudnn_on_a_gpu_for_half_types():
     assert pick(jnp.bfloat16, 128, masked=True, backend="gpu") == "xla"  # padded batches
     assert pick(jnp.bfloat16, 100, masked=False, backend="gpu") == "xla"  # not a multiple of 8
     assert pick(jnp.bfloat16, 128, masked=False, backend="cpu") == "xla"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_passes_the_train_config_checks(path):
+    from lightning_jax.training.config import TrainConfig
+
+    config = TrainConfig.from_dict(runpy.run_path(str(path))["get_config"]().to_dict())
+    if path.stem == "tnl_385m_1m":  # the chunked long-context settings, as docs/benchmarks.md measured them
+        assert config.optim.time_chunk_tokens == 32768 and config.data.seq_len == 1048576
+        assert config.model.overrides["remat"] == "none" and config.model.overrides["scan_layers"] is False

@@ -32,6 +32,7 @@ def get_config() -> ConfigDict:
         lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0, grad_accum_steps=1,
         loss_block_tokens=4096,  # cross-entropy in blocks of tokens: no [tokens, vocab] logits
+        time_chunk_tokens=0,  # > 0: longer sequences go through the model this many tokens at a time
     ))
     config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     config.checkpoint = ConfigDict(dict(enabled=True, every_steps=1000, keep=3, async_save=True))
