@@ -102,6 +102,26 @@ def test_outputs_final_state_and_gradients_equal_one_device(n, per_device, with_
         assert rel_err(g, g_one) < 1e-6, name
 
 
+def test_long_slices_reduce_their_state_in_pieces():
+    """Slices longer than two pieces of the local state's contraction (16,384 tokens): the pieces,
+    the last one zero-padded, sum to the one-device result, forward and backward."""
+    n, per_device = 2, 3 * 16384 + 5
+    q, k, v, s0, _ = make_inputs(11, 1, n * per_device, 2, 4, 4)
+    rates = np.array([0.0, 1e-4], np.float32)  # decay still visible across a whole slice
+    kwargs = {"block_size": 256, "implementation": "xla"}
+    split, whole = split_op(n, rates, with_state=True, **kwargs), whole_op(rates, **kwargs)
+    # The pieces are there: a contraction of [batch, pieces, time, heads, dk] operands.
+    assert "f32[1,4,16384,2,4]" in str(jax.make_jaxpr(split)(q, k, v, s0))
+    (o, final), (o_one, final_one) = split(q, k, v, s0), whole(q, k, v, s0)
+    assert rel_err(o, o_one) < 1e-5 and rel_err(final, final_one) < 1e-5
+    rng = np.random.default_rng(3)
+    w_o = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)
+    w_s = jnp.asarray(rng.standard_normal(final.shape), jnp.float32)
+    for name, g, g_one in zip(["dq", "dk", "dv", "d_initial_state"], grads(split, (q, k, v, s0), w_o, w_s),
+                              grads(whole, (q, k, v, s0), w_o, w_s)):
+        assert rel_err(g, g_one) < 1e-5, name
+
+
 def test_bf16_inputs():
     n, per_device, heads = 4, 37, 4
     q, k, v, s0, rates = make_inputs(3, 2, n * per_device, heads, 16, 8, dtype=jnp.bfloat16)
