@@ -194,3 +194,18 @@ def test_a_run_with_chunks_logs_the_same_losses_as_without(tmp_path):
         losses[chunk] = [r["loss"] for r in rows if "loss" in r] + [result["eval_loss"]]
     assert len(losses[16]) == 3
     np.testing.assert_allclose(losses[16], losses[0], rtol=2e-5)
+
+
+def test_pmap_and_jit_evaluation_with_chunks_equal_whole_sequences(tmp_path):
+    from lightning_jax.training.evaluation import Evaluator
+    from lightning_jax.training.run import setup_run
+
+    results = {}
+    for chunk in (0, 16):
+        cfg = config_dict(tmp_path, time_chunk_tokens=chunk)
+        cfg["mesh"] = {"data": 8}
+        cfg["eval"] = {"max_tokens": 3000, "batch_size": 16}
+        run = setup_run(TrainConfig.from_dict(cfg))
+        results[chunk] = [Evaluator(run, pmap=pmap)(run.state)["eval_loss"] for pmap in (False, True)]
+    np.testing.assert_allclose(results[16], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[0][1], results[0][0], rtol=1e-6)
