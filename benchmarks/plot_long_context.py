@@ -2,8 +2,8 @@
 
     python benchmarks/plot_long_context.py docs/long_context.png docs/long_context_h200.json
 
-Reads the rows that benchmarks/long_context_memory.py printed (collected in the JSON file with the
-run each came from) and draws two panels: training tokens/s per GPU, and peak device memory (XLA's
+Reads the rows that benchmarks/long_context_memory.py printed (collected under "cells" in the JSON file,
+with the run each came from) and draws two panels: training tokens/s per GPU, and peak device memory (XLA's
 compiled plan where a cell was only compiled), both against tokens per sequence.
 """
 
@@ -39,7 +39,7 @@ def series(rows):
 
 
 def main(out_png, data_json):
-    rows = json.load(open(data_json))["rows"]
+    rows = json.load(open(data_json))["cells"]
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 4.8))
     for i, (label, points) in enumerate(sorted(series(rows).items())):
         color = f"C{i}"
