@@ -26,6 +26,7 @@ def lightning_attention(
     rates: jax.Array,
     *,
     initial_state: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     return_final_state: bool = False,
     scale: float | None = None,
     block_size: int | None = None,
@@ -55,7 +56,13 @@ def lightning_attention(
         wrap them in `jax.lax.stop_gradient` if they come from something you differentiate.
         Values are checked when known; traced rates (under `jit`) are trusted unless `checked`.
       initial_state: optional [batch, heads, dim_k, dim_v] state carried in from earlier tokens
-        (the `final_state` of a previous call). Differentiable.
+        (the `final_state` of a previous call). Differentiable. With `segment_ids` it applies to
+        the row's first segment only.
+      segment_ids: optional [batch, time] integer ids of packed documents, non-decreasing along each
+        row (checked when concrete); None (default) is one segment. The state resets at each
+        boundary: token t sees only tokens j <= t with segment_ids[j] == segment_ids[t], and
+        `final_state` is the state of the row's last segment (plus the decayed initial state if the
+        row has one segment). Not differentiable (integers). Not yet supported with `context_axis`.
       return_final_state: also return the float32 state after the last token.
       scale: multiplies q; default 1.0 (as in the papers).
       block_size: tokens per block for the block algorithm (a positive power of two); None picks
@@ -83,7 +90,8 @@ def lightning_attention(
         sequence is here. A name not bound here (outside shard_map) raises an error.
         See `context_parallel.py` and docs/lightning-math.md.
       checked: also check the values that argument checks cannot see under `jit`, with JAX's
-        `checkify`: rates finite and >= 0, q, k, v and initial_state finite, and the outputs finite
+        `checkify`: rates finite and >= 0, q, k, v and initial_state finite, segment_ids
+        non-decreasing, and the outputs finite
         (float16 outputs overflow past 65504, e.g. without decay on long sequences). Off by default
         (it adds reductions over the outputs). Eager calls raise at once; under `jit`, wrap the
         function with `jax.experimental.checkify.checkify` and call `.throw()` on its error::
@@ -101,6 +109,8 @@ def lightning_attention(
     checks.check_choice("implementation", name, IMPLEMENTATIONS)
     impl = IMPLEMENTATIONS[name]
     check_arrays(q, k, v, rates, initial_state)
+    if segment_ids is not None:
+        segment_ids = check_segment_ids(segment_ids, q.shape[0], q.shape[1])
     return_final_state = checks.check_bool("return_final_state", return_final_state)
     scale = _check_scale(scale)
     checks.check_power_of_two("block_size", block_size, allow_none=True)
@@ -109,9 +119,14 @@ def lightning_attention(
         interpret = checks.check_bool("interpret", interpret)
     if context_axis is not None:
         context_parallel.check_context_axis(context_axis)
+        if segment_ids is not None:
+            _bad("segment_ids", f"got {_describe(segment_ids)} with context_axis={context_axis!r}: "
+                                "segment_ids are not yet supported with context_axis (expected None)")
     checked = checks.check_bool("checked", checked)
     if checked:
         _checkify_inputs(q, k, v, rates, initial_state)
+        if segment_ids is not None:
+            _checkify_segment_ids(segment_ids)
     rates = _no_rate_gradient(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
@@ -120,6 +135,11 @@ def lightning_attention(
             impl.load(), q, k, v, rates, initial_state, context_axis=context_axis,
             return_final_state=return_final_state, scale=scale, block_size=block_size, config=config,
             interpret=interpret,
+        )
+    elif segment_ids is not None:
+        o, final_state = impl.load()(
+            q, k, v, rates, initial_state, scale=scale, block_size=block_size, config=config, interpret=interpret,
+            segment_ids=segment_ids,
         )
     else:
         o, final_state = impl.load()(
@@ -149,6 +169,13 @@ def _checkify_inputs(q, k, v, rates, initial_state) -> None:
             checkify.check(_count_non_finite(x) == 0,
                            f"{name}: got {{n}} inf or NaN values of {x.size}, expected finite values",
                            n=_count_non_finite(x))
+
+
+def _checkify_segment_ids(segment_ids) -> None:
+    from jax.experimental import checkify
+
+    falls = jnp.sum(segment_ids[:, 1:] < segment_ids[:, :-1])
+    checkify.check(falls == 0, "segment_ids: got {n} decreases along rows, expected non-decreasing ids", n=falls)
 
 
 def _checkify_outputs(o, final_state) -> None:
@@ -279,6 +306,32 @@ def check_state(name: str, state, expected: tuple[int, ...]) -> None:
         got = _describe(state) if hasattr(state, "shape") else type(state).__name__
         _bad(name, f"got {got}, expected shape {tuple(expected)} = [batch, heads, dim_k, dim_v]")
     _check_floating(name, state)
+
+
+def check_segment_ids(segment_ids, batch: int, time: int):
+    """[batch, time] integer segment ids, non-decreasing along each row when concrete (traced ids
+    are trusted). Returns them as int32."""
+    _check_is_array("segment_ids", segment_ids)
+    if tuple(segment_ids.shape) != (batch, time):
+        _bad("segment_ids", f"got {_describe(segment_ids)}, expected shape ({batch}, {time}) = [batch, time] "
+                            "to match q")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        _bad_type("segment_ids", f"got dtype {segment_ids.dtype}, expected an integer dtype (int32)")
+    try:
+        values = np.asarray(segment_ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        values = None
+    if values is not None:
+        if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+            _bad("segment_ids", f"got values in [{values.min()}, {values.max()}], expected int32 values")
+        falls = np.diff(values.astype(np.int64), axis=1) < 0
+        if falls.any():
+            row, col = (int(x[0]) for x in np.nonzero(falls))
+            _bad("segment_ids", f"got a decrease in row {row} at time {col + 1} "
+                                f"({int(values[row, col])} -> {int(values[row, col + 1])}) (rows "
+                                f"{np.flatnonzero(falls.any(axis=1)).tolist()}), expected non-decreasing "
+                                "ids along each row (documents packed back to back)")
+    return segment_ids.astype(jnp.int32)
 
 
 def _check_scale(scale) -> float:

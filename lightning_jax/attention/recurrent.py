@@ -33,9 +33,11 @@ def decode_step(q, k, v, rates, state, *, scale: float = 1.0):
     return _step(q, k, v, rates, state, scale=scale)
 
 
-def _step(q, k, v, rates, state, *, scale: float):
+def _step(q, k, v, rates, state, *, scale: float, keep=None):
     dt = compute_dtype(jnp.promote_types(q.dtype, state.dtype))
     decay = jnp.exp(-rates.astype(dt))[None, :, None, None]
+    if keep is not None:  # [batch] bool: False at a segment's first token resets the state
+        decay = jnp.where(keep[:, None, None, None], decay, 0.0)
     new_state = decay * state.astype(dt) + jnp.einsum(
         "bhd,bhe->bhde", k.astype(dt), v.astype(dt), precision=_HIGHEST
     )
@@ -43,8 +45,12 @@ def _step(q, k, v, rates, state, *, scale: float):
     return o.astype(q.dtype), new_state.astype(state.dtype)
 
 
-def recurrent(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None, config=None, interpret=None):
-    """The token recurrence with lax.scan. Returns (o, final_state fp32)."""
+def recurrent(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None, config=None, interpret=None,
+              segment_ids=None):
+    """The token recurrence with lax.scan. Returns (o, final_state fp32).
+
+    With `segment_ids` ([batch, time]) the state is reset (not decayed) at each token whose id
+    differs from the previous token's; the initial state thus reaches the first segment only."""
     del block_size, config, interpret  # the registry's common signature; nothing to tune
     batch, _, heads, dim_k = q.shape
     dim_v = v.shape[-1]
@@ -60,6 +66,17 @@ def recurrent(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=N
         return state, o
 
     time_major = [jnp.swapaxes(x, 0, 1) for x in (q, k, v)]
+    if segment_ids is not None:
+        seg = segment_ids
+        keep = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+
+        def segment_step(state, qkv_keep):
+            *qkv, keep = qkv_keep
+            o, state = _step(*qkv, rates, state, scale=scale, keep=keep)
+            return state, o
+
+        final_state, o = lax.scan(segment_step, state, [*time_major, jnp.swapaxes(keep, 0, 1)])
+        return jnp.swapaxes(o, 0, 1), final_state
     final_state, o = lax.scan(step, state, time_major)
     return jnp.swapaxes(o, 0, 1), final_state
 

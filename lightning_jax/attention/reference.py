@@ -21,9 +21,16 @@ def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def quadratic(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None, config=None, interpret=None):
-    """The masked quadratic form. Returns (o [batch, time, heads, dim_v], final_state fp32)."""
+def quadratic(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=None, config=None, interpret=None,
+              segment_ids=None):
+    """The masked quadratic form. Returns (o [batch, time, heads, dim_v], final_state fp32).
+
+    With `segment_ids` ([batch, time], non-decreasing per row) the mask also requires
+    s_t == s_j, the initial state reaches the tokens of the first segment only, and the final state
+    is built from the last segment's tokens (plus the initial state when the row is one segment)."""
     del block_size, config, interpret  # the registry's common signature; nothing to tune
+    if segment_ids is not None:
+        return _quadratic_segments(q, k, v, rates, initial_state, scale, segment_ids)
     dt = compute_dtype(q.dtype)
     qf, kf, vf = (x.astype(dt) * s for x, s in ((q, scale), (k, 1.0), (v, 1.0)))
     rates = rates.astype(dt)
@@ -42,4 +49,30 @@ def quadratic(q, k, v, rates, initial_state, *, scale: float = 1.0, block_size=N
         q_decay = jnp.exp(-rates[None, :] * (t + 1)[:, None])  # [time, heads]
         o = o + jnp.einsum("bthd,th,bhde->bthe", qf, q_decay, s_in, precision=_HIGHEST)
         final_state = final_state + jnp.exp(-rates * time)[None, :, None, None] * s_in
+    return o.astype(q.dtype), final_state.astype(jnp.promote_types(jnp.float32, dt))
+
+
+def _quadratic_segments(q, k, v, rates, initial_state, scale, segment_ids):
+    dt = compute_dtype(q.dtype)
+    qf, kf, vf = (x.astype(dt) * s for x, s in ((q, scale), (k, 1.0), (v, 1.0)))
+    rates = rates.astype(dt)
+    time = q.shape[1]
+    seg = segment_ids
+    t = jnp.arange(time, dtype=dt)
+    lag = t[:, None] - t[None, :]
+    same = seg[:, :, None] == seg[:, None, :]  # [batch, t, s]
+    keep = (lag >= 0)[None, None] & same[:, None]  # [batch, 1, t, s]
+    decay = jnp.exp(jnp.where(keep, -rates[None, :, None, None] * lag, -jnp.inf))  # [batch, heads, t, s]
+    scores = jnp.einsum("bthd,bshd->bhts", qf, kf, precision=_HIGHEST) * decay
+    o = jnp.einsum("bhts,bshe->bthe", scores, vf, precision=_HIGHEST)
+    in_last = seg == seg[:, -1:]  # [batch, time]: tokens of the row's last segment
+    k_decay = jnp.exp(jnp.where(in_last[:, :, None], -rates[None, None, :] * (time - 1 - t)[None, :, None], -jnp.inf))
+    final_state = jnp.einsum("bshd,bsh,bshe->bhde", kf, k_decay, vf, precision=_HIGHEST)
+    if initial_state is not None:
+        s_in = initial_state.astype(dt)
+        in_first = seg == seg[:, :1]
+        q_decay = jnp.exp(jnp.where(in_first[:, :, None], -rates[None, None, :] * (t + 1)[None, :, None], -jnp.inf))
+        o = o + jnp.einsum("bthd,bth,bhde->bthe", qf, q_decay, s_in, precision=_HIGHEST)
+        one_segment = (seg[:, -1] == seg[:, 0]).astype(dt)  # [batch]
+        final_state = final_state + (one_segment[:, None] * jnp.exp(-rates * time)[None, :])[:, :, None, None] * s_in
     return o.astype(q.dtype), final_state.astype(jnp.promote_types(jnp.float32, dt))

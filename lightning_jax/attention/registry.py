@@ -2,7 +2,8 @@
 
 Every implementation is a function with one signature::
 
-    fn(q, k, v, rates, initial_state, *, scale, block_size, config, interpret) -> (o, final_state)
+    fn(q, k, v, rates, initial_state, *, scale, block_size, config, interpret[, segment_ids])
+        -> (o, final_state)
 
     q, k:          [batch, time, heads, dim_k]
     v:             [batch, time, heads, dim_v]
@@ -13,6 +14,8 @@ Every implementation is a function with one signature::
     config:        an instance of the implementation's `config_type`, or None for its defaults
     interpret:     Pallas only: True runs the kernels in interpret mode, False lowers them for the
                    GPU, None interprets when the default backend is not a GPU
+    segment_ids:   [batch, time] int32, non-decreasing per row (packed documents; the state resets
+                   at each boundary); passed only when given, so the default path is unchanged
     o:             [batch, time, heads, dim_v] in q's dtype
     final_state:   [batch, heads, dim_k, dim_v] float32, the state after the last token
 

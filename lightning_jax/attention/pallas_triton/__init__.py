@@ -30,6 +30,11 @@ columns), dQ and dK along the key dim (state rows). Decays scale the rows of a p
 (diag(lambda^a) (Q R)) or, in state updates, one operand (K^T diag(w) V), so q and k are only ever
 read raw and every output tile has a single accumulator.
 
+Packed documents (`segment_ids`): the same kernels, compiled separately with one more input tiled like
+time, each token's segment start position; every decay above gets a 0/1 gate from comparisons inside
+the block (`tiles.Gates`), and both scans over chunks a per-chunk gate (docs/lightning-math.md,
+"Packed documents"). Without segment ids the kernels are exactly those without the feature.
+
 dim_k and dim_v are padded to powers of two inside the kernels (masked loads and stores, no padded
 copies in HBM). Without a GPU the same kernels run in Pallas interpret mode (slow, for tests).
 

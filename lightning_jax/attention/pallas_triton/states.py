@@ -27,6 +27,7 @@ from lightning_jax.attention.pallas_triton.tiles import (
     end_exponent,
     head_rate,
     scaled,
+    starts_spec,
     state_spec,
     states_shape,
     token_spec,
@@ -39,7 +40,7 @@ from lightning_jax.attention.pallas_triton.tiles import (
 # cannot see them inside loop bodies or conditionals.
 
 
-def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: Plan, from_start: bool):
+def _chunk_state_kernel(rates_ref, a_ref, b_ref, *rest, plan: Plan, from_start: bool, has_seg: bool = False):
     """Value dim split. One chunk's own contribution to a state, from zero:
 
     forward  (a, b) = (k, v):  U_j = sum_t k_t^T lambda^(E_j - t) v_t, decays to the chunk's end;
@@ -47,7 +48,15 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: Plan, from_st
                                chunk's own term of dL/dR^(j), for the reverse scan).
 
     Program j computes chunk j forward (j < N - 1) and chunk j + 1 backward (j + 1 > 0).
+
+    Packed documents (`has_seg`: rest = segment starts, out): forward, only the rows of the chunk's
+    last segment (starts == the last row's start; chunks j < N - 1 are whole); backward, only the
+    rows of the segment of the token before the chunk (starts < the chunk's first position).
     """
+    if has_seg:
+        starts_ref, out_ref = rest
+    else:
+        (out_ref,) = rest
     rate = head_rate(rates_ref, plan)
     j = pl.program_id(1) + (1 if from_start else 0)
     tile = Tile(plan, j, "v", pl.program_id(0))
@@ -55,6 +64,8 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: Plan, from_st
     rows = jnp.arange(plan.block).astype(F32)
     scale = plan.scale if from_start else 1.0  # q's scale rides on dO's factors
     dt = a_ref.dtype
+    if has_seg and not from_start:
+        last_start = jnp.max(tile.load_starts(starts_ref, plan.chunk - plan.block))
 
     def body(i, u):
         t0 = i * plan.block
@@ -62,12 +73,17 @@ def _chunk_state_kernel(rates_ref, a_ref, b_ref, out_ref, *, plan: Plan, from_st
         b = tile.load(b_ref, t0, "v")
         # Padded rows have b = 0; the max keeps their (unused) factor finite.
         delta = t0 + rows if from_start else jnp.maximum(end - (t0 + rows), 0.0)
-        return u + dot(a, scaled(b, scale * jnp.exp(-rate * delta), dt), plan, trans_a=True)
+        factors = scale * jnp.exp(-rate * delta)
+        if has_seg:
+            starts = tile.load_starts(starts_ref, t0)
+            gate = starts < tile.chunk_start if from_start else starts == last_start
+            factors = factors * gate.astype(F32)
+        return u + dot(a, scaled(b, factors, dt), plan, trans_a=True)
 
     tile.store_state(out_ref, lax.fori_loop(0, plan.blocks_per_chunk, body, tile.zero_state()))
 
 
-def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: Plan, reverse: bool, group: int):
+def _scan_kernel(rates_ref, *refs, plan: Plan, reverse: bool, group: int, has_gates: bool = False):
     """The recurrence over chunks, on a flat tile of the state. x has N - 1 rows: the one chunk
     term no state needs (U of the last chunk, Y of the first) is never computed.
 
@@ -76,12 +92,20 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: Plan, reverse: bo
     reverse:  x[c] = Y_(c + 1);        out[N - 1] = init, out[c] = lambda^(E_(c+1)) out[c + 1] + x[c]
               (out[j] = dL/dR^(j+1))
 
+    Packed documents (`has_gates`: refs start with gates [batch * N], 1 where the state passes
+    through chunk c, else 0): lambda^E becomes gate_c lambda^E.
+
     Both are "carry = lambda^E carry + x[c]; store carry" over c ascending (forward) or descending
     (reverse). The chain is short work on long latency, so G rows go per step, all loaded first:
     one memory round trip per G chunks, not per chunk (end to end within noise of the per-chunk loop
     so far; docs/kernels.md). N is static: the rows left over after the whole steps are a step
     of their own, unrolled in Python.
     """
+    if has_gates:
+        gates_ref, x_ref, init_ref, out_ref = refs
+        gate_row = (pl.program_id(1) // plan.heads) * plan.num_chunks
+    else:
+        x_ref, init_ref, out_ref = refs
     rate = rates_ref[pl.program_id(1) % plan.heads]
     rows = plan.num_chunks - 1
     steps, rest = divmod(rows, group)
@@ -93,6 +117,8 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: Plan, reverse: bo
         for i, x in zip(order, xs):
             c = c0 + i
             decay = jnp.exp(-rate * end_exponent(plan, (c + shift) * plan.chunk, plan.chunk))
+            if has_gates:
+                decay = decay * gates_ref[gate_row + c + shift]
             carry = decay * carry + x
             out_ref[c + 1 - shift, :] = carry
         return carry
@@ -109,37 +135,56 @@ def _scan_kernel(rates_ref, x_ref, init_ref, out_ref, *, plan: Plan, reverse: bo
         run(steps * group, rest, carry)
 
 
-def chunk_states(plan: Plan, a, b, rates, *, from_start: bool = False):
+def chunk_states(plan: Plan, a, b, rates, *, from_start: bool = False, starts=None):
     """U_j (j < N - 1) from (k, v), or Y_j (j > 0) from (q, dO) with from_start:
     [batch * heads, N - 1, dk_pad, dv_pad]. No state needs U of the last chunk or Y of the first, so
-    they are never computed (a 1 / N share of the pass)."""
+    they are never computed (a 1 / N share of the pass). `starts`: packed documents' segment starts
+    [batch, time] int32, or None."""
     plan = plan.for_chunk_states()
     first = 1 if from_start else 0
-    kernel = functools.partial(_chunk_state_kernel, plan=plan, from_start=from_start)
+    has_seg = starts is not None
+    kernel = functools.partial(
+        _chunk_state_kernel, plan=plan, from_start=from_start, **({"has_seg": True} if has_seg else {})
+    )
+    seg_specs, seg_args = ([starts_spec(plan, first)], [starts]) if has_seg else ([], [])
     return call(
         kernel,
         plan,
         plan.num_tiles("v"),
-        [WHOLE, token_spec(plan, "k", first), token_spec(plan, "v", first)],
+        [WHOLE, token_spec(plan, "k", first), token_spec(plan, "v", first)] + seg_specs,
         state_spec(plan),
         states_shape(plan, plan.num_chunks - 1),
         "lightning_backward_y" if from_start else "lightning_chunk_states",
         chunks=plan.num_chunks - 1,
-    )(rates, a, b)
+    )(rates, a, b, *seg_args)
 
 
-def scan(plan: Plan, x, init, rates, *, reverse: bool):
+def chunk_gates(plan: Plan, starts):
+    """Packed documents: [batch * N] fp32, 1 where the state entering chunk c passes through it
+    (the segment of the token before the chunk reaches its last token), else 0."""
+    first = jnp.arange(plan.num_chunks) * plan.chunk
+    last = jnp.minimum(first + plan.chunk - 1, plan.time - 1)
+    return (starts[:, last] < jnp.maximum(first, 1)[None, :]).astype(F32).reshape(-1)
+
+
+def scan(plan: Plan, x, init, rates, *, reverse: bool, gates=None):
     """x: [batch * heads, N - 1, dk_pad, dv_pad] (see _scan_kernel); init: [batch * heads, dk_pad,
-    dv_pad]. Returns [batch * heads, N, dk_pad, dv_pad]."""
+    dv_pad]; gates (packed documents): `chunk_gates`, or None. Returns [batch * heads, N, dk_pad,
+    dv_pad]."""
     bh, n = x.shape[0], plan.num_chunks
     flat = plan.dk_pad * plan.dv_pad
     tile = min(plan.config.scan_tile, flat)
-    kernel = functools.partial(_scan_kernel, plan=plan, reverse=reverse, group=plan.config.scan_group)
+    has_gates = gates is not None
+    kernel = functools.partial(
+        _scan_kernel, plan=plan, reverse=reverse, group=plan.config.scan_group,
+        **({"has_gates": True} if has_gates else {}),
+    )
     out = pl.pallas_call(
         kernel,
         grid=(flat // tile, bh),
         in_specs=[
             WHOLE,
+            *([WHOLE] if has_gates else []),
             pl.BlockSpec((None, n - 1, tile), lambda f, b: (b, 0, f)),
             pl.BlockSpec((None, tile), lambda f, b: (b, f)),
         ],
@@ -148,7 +193,7 @@ def scan(plan: Plan, x, init, rates, *, reverse: bool):
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=3),
         interpret=plan.interpret,
         name="lightning_chunk_scan_reverse" if reverse else "lightning_chunk_scan",
-    )(rates, x.reshape(bh, n - 1, flat), init.reshape(bh, flat))
+    )(rates, *([gates] if has_gates else []), x.reshape(bh, n - 1, flat), init.reshape(bh, flat))
     return out.reshape(bh, n, plan.dk_pad, plan.dv_pad)
 
 
@@ -163,8 +208,9 @@ def unpad_state(plan: Plan, state):
     return state.reshape(plan.batch, plan.heads, plan.dim_k, plan.dim_v)
 
 
-def start_states(plan: Plan, k, v, rates, s_in):
-    """R^(j) for every chunk, [batch * heads, N, dk_pad, dv_pad]; None when all are zero."""
+def start_states(plan: Plan, k, v, rates, s_in, starts=None):
+    """R^(j) for every chunk, [batch * heads, N, dk_pad, dv_pad]; None when all are zero.
+    `starts`: packed documents' segment starts [batch, time] int32, or None."""
     if s_in is None and plan.num_chunks == 1:
         return None
     if s_in is None:
@@ -174,4 +220,7 @@ def start_states(plan: Plan, k, v, rates, s_in):
         r0 = first * pad_state(plan, s_in)
     if plan.num_chunks == 1:
         return r0[:, None]
+    if starts is not None:
+        u = chunk_states(plan, k, v, rates, starts=starts)
+        return scan(plan, u, r0, rates, reverse=False, gates=chunk_gates(plan, starts))
     return scan(plan, chunk_states(plan, k, v, rates), r0, rates, reverse=False)

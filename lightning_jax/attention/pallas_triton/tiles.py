@@ -86,6 +86,15 @@ class Tile:
         else:
             plt.store(view, value, mask=mask)
 
+    def load_starts(self, ref, t0):
+        """[C] int32 segment start positions of the block at chunk offset t0 (packed documents);
+        rows past `time` read as -1."""
+        view = ref.at[pl.ds(t0, self.plan.block)]
+        if not self.ragged:
+            return view[...]
+        rows = self.chunk_start + t0 + jnp.arange(self.plan.block)
+        return plt.load(view, mask=rows < self.plan.time, other=-1)
+
     def _state_view(self, ref):
         rows, cols = pl.ds(self.col0["k"], self.width["k"]), pl.ds(self.col0["v"], self.width["v"])
         return ref.at[rows, cols]
@@ -133,6 +142,36 @@ class Decays:
         return jnp.exp(-self.rate * end), jnp.exp(-self.rate * jnp.maximum(end - self.a, 0.0))
 
 
+class Gates:
+    """Packed documents: the 0/1 gates of one program's blocks, from `starts`, each token's segment
+    start position (an int32 [batch, time] input derived from the segment ids, tiled like time).
+
+    Two tokens share a segment iff their starts are equal, and a token's segment began before
+    position p iff its start < p, so every gate is a comparison inside the block (no carry, the
+    same in forward and reverse sweeps). For the block starting at global position b0, with
+    begin = max(b0, 1) (block 0: the initial state belongs to the row's first segment):
+
+        same[a, b] = starts_a == starts_b        intra-block pairs of one segment (symmetric)
+        gq[a]      = starts_a < begin            row a is reached by the incoming state
+        gk[a]      = starts_a == last            row a reaches the block's end (last = max starts)
+        gb         = last < begin                the incoming state passes through the block
+
+    Rows past `time` read -1: they change no gate of a real row, and a block of padding only passes
+    the state through (gb = 1), as its end exponent 0 does.
+    """
+
+    def __init__(self, tile: Tile, starts_ref):
+        self.tile, self.ref = tile, starts_ref
+
+    def block(self, t0):
+        """(same [C, C] bool, gq [C], gk [C], gb scalar) for the block at chunk offset t0."""
+        starts = self.tile.load_starts(self.ref, t0)
+        begin = jnp.maximum(self.tile.chunk_start + t0, 1)
+        last = jnp.max(starts)
+        same = starts[:, None] == starts[None, :]
+        return same, (starts < begin).astype(F32), (starts == last).astype(F32), (last < begin).astype(F32)
+
+
 def head_rate(rates_ref, plan: Plan):
     return rates_ref[pl.program_id(2) % plan.heads]
 
@@ -149,6 +188,12 @@ def token_spec(plan: Plan, dim: str, first_chunk: int = 0):
     return pl.BlockSpec(
         (None, plan.chunk, None, width), lambda t, j, bh: (bh // heads, first_chunk + j, bh % heads, 0)
     )
+
+
+def starts_spec(plan: Plan, first_chunk: int = 0):
+    """[batch, time] int32 segment starts of chunk first_chunk + j (packed documents)."""
+    heads = plan.heads
+    return pl.BlockSpec((None, plan.chunk), lambda t, j, bh: (bh // heads, first_chunk + j))
 
 
 def state_spec(plan: Plan):
