@@ -164,6 +164,28 @@ for name, temperature in [("greedy", 0.0), ("sampled, T=0.8, top-k 40", 0.8)]:
         print("--------------------")
 
 # %% [markdown]
+# ### From a published checkpoint
+#
+# With a converted TransNormerLLM directory (`config.json`, the weights and `tokenizer.model`;
+# docs/checkpoints.md says where to get one) at `$LIGHTNING_JAX_HF_DIR`, the same call samples from
+# it; the command-line equivalent is `python train/generate.py --hf-dir DIR --prompt ...`. Skipped
+# when the variable is not set.
+
+# %%
+HF_DIR = os.environ.get("LIGHTNING_JAX_HF_DIR")
+if HF_DIR:
+    from lightning_jax.models import load_hf_tnl
+
+    hf_model = load_hf_tnl(HF_DIR)
+    hf_tokenizer = data.make_tokenizer(f"sp:{os.path.join(HF_DIR, 'tokenizer.model')}")
+    hf_prompt = list(hf_tokenizer.encode("The capital of France is"))
+    hf_new = lj.generate(hf_model, jnp.asarray([hf_prompt]), 8 if SMOKE else 40, temperature=0.0,
+                         rng=jax.random.key(0))
+    print(hf_tokenizer.decode(hf_prompt + [int(t) for t in hf_new[0]]))
+else:
+    print("LIGHTNING_JAX_HF_DIR is not set: no published checkpoint to sample from")
+
+# %% [markdown]
 # ## What the model carries instead of a KV cache
 #
 # `model.prefill(tokens)` returns the logits and a `TNLCache`: per layer, the final fp32 state of

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lightning_jax.checks import ArgumentError
@@ -77,10 +78,34 @@ def check_tokens(tokens: jax.Array, pad_mask: jax.Array | None) -> None:
         raise ArgumentError("pad_mask", f"got shape {pad_mask.shape}, expected tokens' shape {tokens.shape}")
 
 
+def check_token_range(tokens, vocab_size: int) -> None:
+    """Token ids in [0, vocab_size) when they are concrete; ArgumentError naming `tokens` otherwise.
+
+    Traced ids (inside `jit`) cannot be inspected and are trusted, as the attention op trusts traced
+    rates: there an id >= vocab_size embeds as NaN (every logit NaN) and a negative id counts from
+    the end of the table (-1 is the last token). Check ids before `jit` (`generate` does)."""
+    if isinstance(tokens, jax.core.Tracer) or not hasattr(tokens, "shape") or not math.prod(tokens.shape):
+        return
+    if isinstance(tokens, np.ndarray):
+        lo, hi = tokens.min(), tokens.max()
+    else:
+        lo, hi = jax.device_get((jnp.min(tokens), jnp.max(tokens)))
+    if lo < 0 or hi >= vocab_size:
+        ids = np.asarray(tokens)
+        where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
+        raise ArgumentError("tokens", f"got ids in [{int(lo)}, {int(hi)}] ({int(ids[where])} at index {where}), "
+                                      f"expected ids in [0, {vocab_size}) (the model's vocab_size)")
+
+
 @jax.named_scope("embed")
 def embed_tokens(table: nnx.Param, tokens: jax.Array, dtype, *, scale: bool, time: str | None = None) -> jax.Array:
     """table [vocab, D], tokens [batch, ...] -> [batch, ..., D] in `dtype`, times sqrt(D) if `scale`.
-    `time`: the logical name of the tokens' second axis (e.g. "time", split over context)."""
+    `time`: the logical name of the tokens' second axis (e.g. "time", split over context).
+
+    Concrete ids outside [0, vocab) raise ArgumentError naming `tokens`; traced ones are trusted
+    (`check_token_range`). Every model entry point (`__call__`, `hidden_states`, `prefill`,
+    `decode`, `extend`) embeds through here."""
+    check_token_range(tokens, table.shape[0])
     x = jnp.take(table[...], tokens, axis=0).astype(dtype)
     if scale:
         x = x * jnp.asarray(math.sqrt(table.shape[-1]), dtype)

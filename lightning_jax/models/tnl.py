@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lightning_jax.attention import decode_step, lightning_attention
-from lightning_jax.checks import ArgumentError, check_instance
+from lightning_jax.checks import ArgumentError, check_choice, check_instance, check_int
 from lightning_jax.models import layers
 from lightning_jax.models.config import TNLConfig
 from lightning_jax.models.sharding import constrain, context_axis_of, logical_to_spec, sharded_call
@@ -169,7 +169,9 @@ class TNL(nnx.Module):
     """TransNormerLLM decoder.
 
     `model(tokens [batch, time] int32, pad_mask=None) -> logits [batch, time, vocab] float32`.
-    `pad_mask` [batch, time] bool (True at real tokens) supports left-padded batches.
+    `pad_mask` [batch, time] bool (True at real tokens) supports left-padded batches. Token ids
+    outside [0, vocab_size) raise ArgumentError naming `tokens` when concrete; traced ids (under
+    `jit`) are trusted (`layers.check_token_range`).
     """
 
     def __init__(self, config: TNLConfig, *, rngs: nnx.Rngs):
@@ -243,48 +245,110 @@ class TNL(nnx.Module):
 
         return TNLCache(states=self.groups.per_layer(zeros), position=jnp.zeros((batch,), jnp.int32))
 
-    @jax.named_scope("tnl")
-    def extend(self, tokens: jax.Array, cache: TNLCache) -> tuple[jax.Array, TNLCache]:
-        """Continues each row's sequence from `cache` with `tokens` [batch, time] int (no padding):
-        the final normed hidden states [batch, time, D] in the compute dtype, and the cache after
-        these tokens.
+    def extend(self, tokens: jax.Array, cache: TNLCache, *,
+               pad_mask: jax.Array | None = None) -> tuple[jax.Array, TNLCache]:
+        """Continues each row's sequence from `cache` with `tokens` [batch, time] int: the final
+        normed hidden states [batch, time, D] in the compute dtype, and the cache after these tokens.
+
+        `pad_mask` [batch, time] bool (True at real tokens) is for left padding only: a row's pads
+        must come before its first real token of the whole sequence (while its state is still
+        zero). Pads leave the state and `cache.position` as they were, as in `prefill`; a pad after
+        a real token would still decay the state.
 
         Feeding a sequence through `extend` a chunk at a time, from `empty_cache`, gives the hidden
         states of one `hidden_states` call over the whole sequence: each layer's state carries
         everything earlier tokens contribute, so memory follows the chunk, not the sequence
         (training/chunked.py trains this way). Differentiable in the parameters and in
         `cache.states`. Time is split over the mesh's context axis (if any), as in training."""
-        layers.check_tokens(tokens, None)
+        return self._extend(tokens, cache, pad_mask, time_axis="time")
+
+    @jax.named_scope("tnl")
+    def _extend(self, tokens, cache, pad_mask, time_axis: str | None):
+        """`extend`, the time axis named `time_axis` ("time": split over the context axis; None: whole)."""
+        layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         if cache.position.shape != (batch,):
             raise ArgumentError("cache.position", f"got shape {cache.position.shape}, expected [batch] = ({batch},)")
-        positions = cache.position[:, None] + jnp.arange(time, dtype=jnp.int32)
+        positions = cache.position[:, None] + layers.positions_from_mask(pad_mask, batch, time)
+        advance = time if pad_mask is None else jnp.sum(pad_mask.astype(jnp.int32), axis=1)
 
         def layer(block, x, rates_and_state):
             rates, state = rates_and_state
-            return block(x, rates, positions, initial_state=state, return_state=True, time="time")
+            return block(x, rates, positions, pad_mask, initial_state=state, return_state=True, time=time_axis)
 
-        x = self._embed(tokens, time="time")
+        x = self._embed(tokens, time=time_axis)
         x, states = self.groups(layer, x, tuple(zip(self._rates(), cache.states, strict=True)))
-        return self._final_norm(x), TNLCache(states, cache.position + time)
+        return self._final_norm(x), TNLCache(states, cache.position + advance)
 
     def logits_weight(self) -> tuple[jax.Array, int]:
         """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""
         return layers.logits_weight(self.embed, self.lm_head)
 
-    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
-                max_new_tokens: int | None = None) -> tuple[jax.Array, TNLCache]:
-        """Full forward over a (left-padded) prompt, keeping each layer's final state.
+    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None, max_new_tokens: int | None = None,
+                logits: str = "all", chunk: int | None = None) -> tuple[jax.Array, TNLCache]:
+        """Forward over a (left-padded) prompt, keeping each layer's final state.
 
-        Returns (logits [batch, time, vocab] float32, cache). `max_new_tokens` is accepted for a
-        common interface with `Transformer.prefill` and ignored: this cache never grows."""
-        del max_new_tokens
-        logits, states = self._run(tokens, pad_mask, return_states=True)
-        if pad_mask is None:
-            position = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        Args:
+          tokens: [batch, time] int; pad_mask: [batch, time] bool, True at real tokens (left padding).
+          max_new_tokens: accepted for a common interface with `Transformer.prefill` and ignored:
+            this cache never grows.
+          logits: "all": logits at every position, [batch, time, vocab] float32; "last": only at the
+            last position (every row's last real token, with left padding), [batch, vocab] float32:
+            what sampling needs, without the [batch, time, vocab] array.
+          chunk: None runs the prompt in one call. An int (static) runs a prompt longer than `chunk`
+            through `extend`, `chunk` tokens at a time (the first piece takes the remainder),
+            carrying every layer's state, so activations follow the chunk, not the prompt. Exact,
+            left-padded batches included; the results match the one-call prefill to rounding.
+
+        Returns (logits as above, cache)."""
+        check_choice("logits", logits, ("all", "last"))
+        if chunk is not None:
+            check_int("chunk", chunk, minimum=1)
+        if chunk is None or tokens.shape[1] <= chunk:
+            hidden, states = self._run(tokens, pad_mask, return_states=True, logits=False)
+            if pad_mask is None:
+                position = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+            else:
+                position = jnp.sum(pad_mask.astype(jnp.int32), axis=1)
+            cache = TNLCache(states=states, position=position)
         else:
-            position = jnp.sum(pad_mask.astype(jnp.int32), axis=1)
-        return logits, TNLCache(states=states, position=position)
+            hidden, cache = self._prefill_chunks(tokens, pad_mask, chunk, keep_all=logits == "all")
+        if logits == "last":
+            return self._head(hidden[:, -1:])[:, 0], cache
+        return self._head(hidden), cache
+
+    def _head(self, hidden):
+        """Normed hidden states [batch, time, D] (compute dtype) -> logits [batch, time, vocab] float32."""
+        with jax.named_scope("tnl"):
+            return layers.lm_logits(hidden, self.embed, self.lm_head, self.config.dtype)
+
+    def _prefill_chunks(self, tokens, pad_mask, chunk: int, keep_all: bool):
+        """`prefill` through `extend`: the first time % chunk tokens, then a `lax.scan` over chunks,
+        time kept whole on each device (as the one-call prefill). -> (normed hidden [batch, time, D]
+        if keep_all else the last position's [batch, 1, D], cache)."""
+        layers.check_tokens(tokens, pad_mask)
+        batch, time = tokens.shape
+        count, rest = divmod(time, chunk)
+        cache = self.empty_cache(batch)
+        first = None
+        if rest:
+            first, cache = self._extend(tokens[:, :rest], cache, None if pad_mask is None else pad_mask[:, :rest],
+                                        time_axis=None)
+
+        def split(x):  # [batch, count * chunk] -> [count, batch, chunk]
+            return x[:, rest:].reshape(batch, count, chunk).swapaxes(0, 1)
+
+        def step(cache, piece):
+            piece_tokens, piece_mask = piece
+            hidden, cache = self._extend(piece_tokens, cache, piece_mask, time_axis=None)
+            return cache, (hidden if keep_all else hidden[:, -1:])
+
+        masks = None if pad_mask is None else split(pad_mask)
+        cache, hidden = jax.lax.scan(step, cache, (split(tokens), masks))
+        if not keep_all:
+            return hidden[-1], cache
+        hidden = hidden.swapaxes(0, 1).reshape(batch, count * chunk, hidden.shape[-1])
+        return (hidden if first is None else jnp.concatenate([first, hidden], axis=1)), cache
 
     @jax.named_scope("tnl")
     def decode(self, token: jax.Array, cache: TNLCache) -> tuple[jax.Array, TNLCache]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lightning_jax.checks import check_instance
+from lightning_jax.checks import check_choice, check_instance
 from lightning_jax.models import layers
 from lightning_jax.models.config import TransformerConfig
 from lightning_jax.models.sharding import constrain
@@ -155,7 +155,9 @@ class TransformerBlock(nnx.Module):
 
 class Transformer(nnx.Module):
     """LLaMA-style decoder: `model(tokens [batch, time] int, pad_mask=None) -> logits [batch, time,
-    vocab] float32`; `prefill` / `decode` as TNL's, with a KV cache."""
+    vocab] float32`; `prefill` / `decode` as TNL's, with a KV cache. Token ids are checked as TNL's
+    (concrete ids outside [0, vocab_size) raise ArgumentError naming `tokens`; traced ones are
+    trusted)."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c = self.config = check_instance("config", config, TransformerConfig)
@@ -176,6 +178,11 @@ class Transformer(nnx.Module):
 
     def _logits(self, x):
         return layers.lm_logits(self.final_norm(x), self.embed, self.lm_head, self.config.dtype)
+
+    def _head(self, hidden):
+        """Normed hidden states [batch, time, D] -> logits [batch, time, vocab] float32."""
+        with jax.named_scope("transformer"):
+            return layers.lm_logits(hidden, self.embed, self.lm_head, self.config.dtype)
 
     @jax.named_scope("transformer")
     def _run(self, tokens, pad_mask, keep_kv: bool, logits: bool = True):
@@ -205,20 +212,28 @@ class Transformer(nnx.Module):
         """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""
         return layers.logits_weight(self.embed, self.lm_head)
 
-    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
-                max_new_tokens: int | None = None) -> tuple[jax.Array, TransformerCache]:
-        """Forward over the prompt; returns (logits [batch, time, vocab], cache with room for
-        `max_new_tokens` (static) more tokens)."""
+    def prefill(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None, max_new_tokens: int | None = None,
+                logits: str = "all") -> tuple[jax.Array, TransformerCache]:
+        """Forward over the prompt tokens [batch, time] (left-padded, pad_mask [batch, time] True at
+        real tokens); returns (logits, cache with room for `max_new_tokens` (static) more tokens).
+
+        `logits`: "all" gives [batch, time, vocab] float32; "last" only the last position's (every
+        row's last real token), [batch, vocab] float32, what sampling needs."""
+        check_choice("logits", logits, ("all", "last"))
         batch, time = tokens.shape
         extra = int(max_new_tokens or 0)
-        logits, kvs = self._run(tokens, pad_mask, keep_kv=True)
+        hidden, kvs = self._run(tokens, pad_mask, keep_kv=True, logits=False)
+        if logits == "last":
+            out = self._head(hidden[:, -1:])[:, 0]
+        else:
+            out = self._head(hidden)
         pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, extra), (0, 0), (0, 0)])
         keys = tuple(pad(k) for k, _ in kvs)
         values = tuple(pad(v) for _, v in kvs)
         real = jnp.ones((batch, time), bool) if pad_mask is None else pad_mask.astype(bool)
         key_mask = jnp.pad(real, ((0, 0), (0, extra)))
         position = jnp.sum(real.astype(jnp.int32), axis=1)
-        return logits, TransformerCache(keys, values, key_mask, jnp.asarray(time, jnp.int32), position)
+        return out, TransformerCache(keys, values, key_mask, jnp.asarray(time, jnp.int32), position)
 
     @jax.named_scope("transformer")
     def decode(self, token: jax.Array, cache: TransformerCache) -> tuple[jax.Array, TransformerCache]:

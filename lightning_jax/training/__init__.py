@@ -7,7 +7,7 @@ Modules: `config` (TrainConfig and its sections), `data` (corpora, tokenizers, g
 `optim` (AdamW + schedule), `loss` (cross-entropy in blocks of tokens, from hidden states),
 `step` (train state, loss, compiled step, eval sums), `checkpoint`
 (Orbax), `metrics` (metrics.jsonl, MFU), `run` (run set-up: mesh, sharded model, train state),
-`evaluation` (Evaluator, evaluate), `loop` (train_and_evaluate, load_model). The model built from
+`evaluation` (Evaluator, evaluate), `loop` (train_and_evaluate, load_model, saved_config). The model built from
 a config's `model` section comes from `lightning_jax.models.registry`.
 
 Names are imported on first use, so `import lightning_jax.training.step` (e.g. in a benchmark on an
@@ -25,6 +25,7 @@ _EXPORTS = {
     "train_and_evaluate": "loop",
     "evaluate": "evaluation",
     "load_model": "loop",
+    "saved_config": "loop",
     "make_optimizer": "optim",
     "read_metrics": "metrics",
 }

@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: the training loop, and `load_model`.
+"""`train_and_evaluate(config, workdir)`: the training loop, `load_model` and `saved_config`.
 
 A run: check that the workdir is writable, build the mesh and the sharded model (`run.setup_run`),
 restore the newest intact checkpoint if there is one (model, optimizer, step, RNG and data
@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -282,6 +283,28 @@ class _NoProgress(contextlib.nullcontext):
 
 # ----------------------------------------------------------------------------------------------
 # A trained model
+
+
+def saved_config(workdir: str, *, step: int | None = None) -> TrainConfig:
+    """The TrainConfig a run saved with checkpoint `step` of `workdir` (default: the newest whose
+    record reads back), its `workdir` field set to `workdir`. Every checkpoint's `meta` item holds
+    the run's configuration, so `load_model(saved_config(workdir))` needs no config file.
+
+    DataError naming config.workdir when there is no checkpoint (or none with a readable config)."""
+    directory = ckpt.checkpoint_dir(workdir)
+    steps = sorted((int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else []) if n.isdigit()),
+                   reverse=True)
+    if step is not None:
+        steps = [s for s in steps if s == step]
+    for candidate in steps:
+        try:
+            with open(os.path.join(directory, str(candidate), "meta", "metadata"), encoding="utf-8") as f:
+                saved = json.load(f)["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged checkpoint: try the one before (restoring skips it too)
+        return as_config(saved, workdir)
+    which = "no checkpoint" if step is None else f"no checkpoint {step}"
+    raise data_lib.DataError(f"config.workdir: {which} with a readable saved config in {directory}")
 
 
 def load_model(config, workdir: str | None = None, *, step: int | None = None, tokenizer=None) -> nnx.Module:
