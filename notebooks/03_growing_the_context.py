@@ -71,7 +71,7 @@ ROOT = find_repo_root() or pathlib.Path.cwd()  # without the repository, the doc
 print("jax", jax.__version__, "on", jax.default_backend(), f"({jax.devices()[0].device_kind})")
 
 # %%
-sizes = dict(num_layers=1 if SMOKE else 3)  # otherwise the tiny presets: D 64, 4 heads of 16, MLP 128
+sizes = dict(num_layers=1 if SMOKE else 3)  # otherwise the tiny presets: D 64, 4 heads of 16, TNL's SGLU 128, the Transformer's MLP 149 (the same parameter count)
 configs = {"TNL": TNLConfig.tiny(**sizes), "Transformer": TransformerConfig.tiny(**sizes)}
 models = {"TNL": TNL(configs["TNL"], rngs=nnx.Rngs(0)), "Transformer": Transformer(configs["Transformer"], rngs=nnx.Rngs(0))}
 for name, c in configs.items():

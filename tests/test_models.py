@@ -19,14 +19,17 @@ from lightning_jax.models import (
     create_sharded_model,
     make_mesh,
 )
+from lightning_jax.models.registry import build_model_config
 from lightning_jax.models.sharding import partition_specs
+from lightning_jax.training.config import ModelSpec
 
 P = jax.P
 
 # O(1)-scale weights, so mismatches are not hidden by tiny logits; block 8 so that lengths up to
 # 24 cross several blocks of the block algorithm, with ragged tails.
 TNL_TEST = TNLConfig.tiny(init_std=0.2, block_size=8)
-TRANSFORMER_TEST = TransformerConfig.tiny(init_std=0.2)
+# mlp_dim 128 (the preset's is 149, TNL's parameter count): a width the 4-way tensor meshes below split.
+TRANSFORMER_TEST = TransformerConfig.tiny(init_std=0.2, mlp_dim=128)
 
 
 def build(config, seed=0):
@@ -300,6 +303,41 @@ def test_num_params_counts_the_built_model(config):
     assert config.num_params() == abstract_param_count(config)
 
 
+@pytest.mark.parametrize("tnl, transformer", [
+    (TNLConfig.tiny, TransformerConfig.tiny),
+    (TNLConfig.tnl_385m, TransformerConfig.transformer_385m),
+    (TNLConfig.tnl_15b, TransformerConfig.transformer_15b),
+], ids=["tiny", "385m", "15b"])
+@pytest.mark.parametrize("overrides", [{}, {"vocab_size": 257}, {"num_layers": 2, "hidden_dim": 128, "num_heads": 2},
+                                       {"tie_embeddings": False}], ids=["preset", "vocab", "sizes", "untied"])
+def test_same_size_transformer_presets_match_tnl_parameter_count(tnl, transformer, overrides):
+    # "The same sizes" means the same parameter count: the Transformer's MLP pays for TNL's gate u
+    # and LRPE angles. Counted on the built (abstract) models, within 1 %.
+    t, b = tnl(**overrides), transformer(**overrides)
+    assert (b.num_layers, b.hidden_dim, b.num_heads, b.head_dim, b.vocab_size) == (
+        t.num_layers, t.hidden_dim, t.num_heads, t.head_dim, t.vocab_size)
+    assert b.mlp_dim > t.glu_dim
+    if tnl is TNLConfig.tiny:  # CPU-sized: build them
+        assert abs(abstract_param_count(b) / abstract_param_count(t) - 1) < 0.01
+    assert abs(b.num_params() / t.num_params() - 1) < 0.01
+    # One unit of width fewer or more is further from TNL's count (the nearest multiple of 64
+    # for the GPU presets, of 1 for tiny).
+    step = 1 if tnl is TNLConfig.tiny else 64
+    for other in (b.mlp_dim - step, b.mlp_dim + step):
+        assert abs(dataclasses.replace(b, mlp_dim=other).num_params() - t.num_params()) >= abs(
+            b.num_params() - t.num_params())
+
+
+def test_explicit_transformer_mlp_dim_wins_over_the_matched_default():
+    assert TransformerConfig.tiny(mlp_dim=128).mlp_dim == 128
+    assert TransformerConfig.transformer_385m(mlp_dim=2816).mlp_dim == 2816
+    assert TransformerConfig.tiny(mlp_dim=None) == TransformerConfig.tiny()  # None: the matched width
+    spec = ModelSpec("transformer", "tiny", {"mlp_dim": 100, "hidden_dim": 32})
+    assert (build_model_config(spec).mlp_dim, build_model_config(spec).hidden_dim) == (100, 32)
+    with pytest.raises(ValueError, match="mlp_dim"):
+        TransformerConfig.tiny(mlp_dim=0)
+
+
 def test_tnl_385m_preset():
     config = TNLConfig.tnl_385m()
     assert (config.num_layers, config.hidden_dim, config.num_heads, config.head_dim) == (24, 1024, 8, 128)
@@ -318,8 +356,9 @@ def test_flops_per_token():
     # Lightning attention's cost stops growing once the sequence exceeds the block.
     assert tnl.flops_per_token(2048) == tnl.flops_per_token(65536) > 6 * matmul
     assert tnl.flops_per_token(2048) < 1.05 * 6 * matmul
-    # Softmax attention grows linearly per token with T.
-    t_matmul = 24 * (4 * 1024 * 1024 + 3 * 1024 * 2816) + 64000 * 1024
+    # Softmax attention grows linearly per token with T. The baseline's MLP is wider than TNL's
+    # SGLU (mlp_dim 3136, not 2816): its preset matches TNL-385M's parameter count.
+    t_matmul = 24 * (4 * 1024 * 1024 + 3 * 1024 * transformer.mlp_dim) + 64000 * 1024
     assert transformer.flops_per_token(2048) == 6 * t_matmul + 6 * 24 * 1024 * 2048
     assert transformer.flops_per_token(65536) > 3 * tnl.flops_per_token(65536)
 
@@ -376,9 +415,10 @@ def _tnl_layer(group, lrpe=False, stacked=()):
 
 
 def _transformer_layer(group):
+    # mlp 149, not TNL's 128: the tiny preset matches TNLConfig.tiny()'s parameter count.
     leaves = {
         "attention/out": (4, 16, 64), "attention/qkv": (64, 3, 4, 16), "attention_norm/weight": (64,),
-        "mlp/w12": (64, 2, 128), "mlp/w3": (128, 64), "mlp_norm/weight": (64,),
+        "mlp/w12": (64, 2, 149), "mlp/w3": (149, 64), "mlp_norm/weight": (64,),
     }
     return {("groups", group, *name.split("/")): shape for name, shape in leaves.items()}
 

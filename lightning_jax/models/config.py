@@ -190,7 +190,12 @@ class TransformerConfig(_CommonConfig):
     """LLaMA-style baseline: pre-norm blocks of RMSNorm (learned weight), RoPE causal softmax
     attention (jax.nn.dot_product_attention; cuDNN flash attention on GPU) and a SwiGLU MLP.
 
-    `mlp_dim` is the SwiGLU width (same role and default as TNL's glu_dim); `attention_implementation`
+    `mlp_dim` is the SwiGLU width (TNL's glu_dim plays the same role). The presets (`tiny`,
+    `transformer_385m`, `transformer_15b`) mirror a TNL preset ("the same sizes") and set it so that
+    both models have the same parameter count (`matched_mlp_dim`; TNL's gate projection u and LRPE
+    angles are paid for with a wider MLP); an explicit `mlp_dim` (also as a preset override) wins,
+    and `mlp_dim=None` given to a preset means the matched width. The bare dataclass default (128)
+    matches nothing. `attention_implementation`
     is passed to jax.nn.dot_product_attention; None picks cuDNN flash attention on a GPU for bf16 /
     fp16 (`transformer.default_softmax_implementation`), XLA's otherwise.
     """
@@ -211,27 +216,21 @@ class TransformerConfig(_CommonConfig):
 
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
-        """Byte-level toy model matching `TNLConfig.tiny()`."""
-        fields = dict(vocab_size=256, num_layers=3, hidden_dim=64, num_heads=4, mlp_dim=128)
-        return cls(**{**fields, **overrides})
+        """Byte-level toy model with the sizes and parameter count of `TNLConfig.tiny()` (given the
+        same overrides): 3 layers, D 64, 4 heads of 16, mlp_dim 149 (TNL's glu_dim is 128)."""
+        return same_size_transformer(TNLConfig.tiny, overrides)
 
     @classmethod
     def transformer_385m(cls, **overrides) -> "TransformerConfig":
-        """The sizes of TNL-385M (24 layers, D 1024, 8 heads of 128, mlp 2816, vocab 64000)."""
-        fields = dict(
-            vocab_size=64000, num_layers=24, hidden_dim=1024, num_heads=8, head_dim=128, mlp_dim=2816,
-            dtype="bfloat16",
-        )
-        return cls(**{**fields, **overrides})
+        """The sizes of TNL-385M (24 layers, D 1024, 8 heads of 128, vocab 64000) and its parameter
+        count: mlp_dim 3136 (TNL's glu_dim is 2816; the multiple of 64 nearest the exact match,
+        0.4 % fewer parameters than TNL-385M)."""
+        return same_size_transformer(TNLConfig.tnl_385m, overrides, multiple_of=64)
 
     @classmethod
     def transformer_15b(cls, **overrides) -> "TransformerConfig":
-        """The sizes of our TNL 15B preset (42 layers, D 5120, 40 heads of 128)."""
-        fields = dict(
-            vocab_size=100352, num_layers=42, hidden_dim=5120, num_heads=40, head_dim=128, mlp_dim=14080,
-            dtype="bfloat16",
-        )
-        return cls(**{**fields, **overrides})
+        """The sizes and parameter count of our TNL 15B preset (42 layers, D 5120, 40 heads of 128)."""
+        return same_size_transformer(TNLConfig.tnl_15b, overrides, multiple_of=64)
 
     def _layer_matmul_params(self) -> int:
         attention = 4 * self.hidden_dim * self.attention_dim  # q, k, v, o
@@ -250,3 +249,40 @@ class TransformerConfig(_CommonConfig):
         matmul = self.num_layers * self._layer_matmul_params() + self.vocab_size * self.hidden_dim
         attention = 6 * self.num_layers * self.attention_dim * seq_len
         return float(6 * matmul + attention)
+
+
+# The fields a Transformer preset takes from its TNL counterpart ("the same sizes"). Not
+# scale_embedding (LLaMA does not scale) nor attention_implementation (another set of choices).
+SHARED_FIELDS = ("vocab_size", "num_layers", "hidden_dim", "num_heads", "head_dim", "tie_embeddings", "norm_eps",
+                 "init_std", "dtype", "param_dtype", "scan_layers", "remat")
+
+
+def matched_mlp_dim(tnl: TNLConfig, multiple_of: int = 1, **fields) -> int:
+    """The SwiGLU width at which a Transformer with `tnl`'s sizes (and `fields`, any other
+    TransformerConfig fields) has `tnl`'s parameter count: the multiple of `multiple_of` nearest the
+    exact match (at least `multiple_of`).
+
+    Per layer TNL has 5 D x heads x head_dim mixer weights (q, k, v, gate u, out) against the
+    Transformer's 4 (q, k, v, o), plus LRPE angles; the Transformer has learned norm weights. The
+    difference goes to the MLP, 3 x D weights per unit of width per layer."""
+    if not isinstance(tnl, TNLConfig):
+        fail("tnl", type(tnl).__name__, "a TNLConfig")
+    check_int("multiple_of", multiple_of, minimum=1)
+    shared = {name: getattr(tnl, name) for name in SHARED_FIELDS}
+    base = TransformerConfig(**{**shared, **fields, "mlp_dim": 1})
+    per_unit = 3 * base.hidden_dim * base.num_layers
+    exact = 1 + (tnl.num_params() - base.num_params()) / per_unit
+    return max(multiple_of, multiple_of * round(exact / multiple_of))
+
+
+def same_size_transformer(tnl_preset, overrides: dict, multiple_of: int = 1) -> TransformerConfig:
+    """The Transformer with the sizes of `tnl_preset(**shared overrides)` and, unless `overrides`
+    give an `mlp_dim` (not None), its parameter count (`matched_mlp_dim`)."""
+    shared = {k: v for k, v in overrides.items() if k in SHARED_FIELDS}
+    own = {k: v for k, v in overrides.items() if k not in SHARED_FIELDS}
+    tnl = tnl_preset(**shared)
+    fields = {**{name: getattr(tnl, name) for name in SHARED_FIELDS}, **own}
+    if fields.get("mlp_dim") is None:
+        rest = {k: v for k, v in fields.items() if k not in SHARED_FIELDS and k != "mlp_dim"}
+        fields["mlp_dim"] = matched_mlp_dim(tnl, multiple_of, **rest)
+    return TransformerConfig(**fields)

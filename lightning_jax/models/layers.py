@@ -89,7 +89,10 @@ def check_token_range(tokens, vocab_size: int) -> None:
     if isinstance(tokens, np.ndarray):
         lo, hi = tokens.min(), tokens.max()
     else:
-        lo, hi = jax.device_get((jnp.min(tokens), jnp.max(tokens)))
+        # Concrete ids can also meet a trace (an array closed over by a jitted function): evaluate
+        # the min / max now, on the concrete values, rather than as part of that trace.
+        with jax.ensure_compile_time_eval():
+            lo, hi = jax.device_get((jnp.min(tokens), jnp.max(tokens)))
     if lo < 0 or hi >= vocab_size:
         ids = np.asarray(tokens)
         where = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])

@@ -1,4 +1,5 @@
-"""Demo: a tiny TNL (3 layers, D 64) learning byte-level Shakespeare on a laptop CPU in a few minutes.
+"""Demo: a tiny TNL (3 layers, D 64, 8 heads of 8) learning byte-level Shakespeare on a laptop CPU in a
+few minutes. train/configs/demo_transformer.py is the Transformer of the same parameter count.
 
     python train/main.py --config train/configs/demo.py
     python train/main.py --config train/configs/demo.py --config.steps=100 --config.optim.lr=1e-3
@@ -17,9 +18,11 @@ def get_config() -> ConfigDict:
     # dtype, param_dtype, scan_layers, remat, attention_implementation and block_size).
     config.init_from = ""
 
-    # TNLConfig.tiny() with these fields replaced (any TNLConfig field may be listed here).
+    # TNLConfig.tiny() with these fields replaced (any TNLConfig field may be listed here). 8 heads of 8,
+    # not the preset's 4 of 16: 0.025 nats per byte lower validation loss at step 500 (mean of seeds
+    # 0-2; 2 heads of 32 were 0.036 worse), the parameter count unchanged (docs/comparison.md).
     config.model = ConfigDict(dict(
-        arch="tnl", preset="tiny", vocab_size=257, num_layers=3, hidden_dim=64, num_heads=4, glu_dim=128,
+        arch="tnl", preset="tiny", vocab_size=257, num_layers=3, hidden_dim=64, num_heads=8, glu_dim=128,
         dtype="float32", param_dtype="float32", scan_layers=False, remat="none",
     ))
     config.data = ConfigDict(dict(corpus="shakespeare", tokenizer="byte", seq_len=256, batch_size=16))

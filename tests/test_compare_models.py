@@ -1,0 +1,60 @@
+"""benchmarks/compare_models.py end to end in its smoke mode (--tiny: 20 steps, 1 seed): both demo
+models trained by the library's loop on the same data, the results, table and plot written; and the
+refusal of models that would not be trained on the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# One CPU device, as a user runs it (conftest.py gives the test process 8).
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def run(*args, timeout=240):
+    return subprocess.run([sys.executable, "benchmarks/compare_models.py", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_comparison_trains_both_models_and_writes_table_and_plot(tmp_path):
+    proc = run("--tiny", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    settings, summary, runs = result["settings"], result["summary"], result["runs"]
+    assert list(runs) == ["TNL", "Transformer"] and settings["seeds"] == [0]
+    assert settings["unit"] == "nats per byte" and settings["optim_differs"] == []
+    tnl, transformer = runs["TNL"][0], runs["Transformer"][0]
+    # The same data, order, steps and optimizer; the parameter counts within 1 %.
+    assert tnl["config"]["data"] == transformer["config"]["data"]
+    assert tnl["config"]["optim"] == transformer["config"]["optim"]
+    assert tnl["config"]["seed"] == transformer["config"]["seed"] == 0
+    assert abs(transformer["params"] / tnl["params"] - 1) < 0.01
+    steps = settings["steps"]
+    for label, r in (("TNL", tnl), ("Transformer", transformer)):
+        # Curves read back from the run's own metrics.jsonl; an evaluation at the last step.
+        assert (tmp_path / label / "seed0" / "metrics.jsonl").is_file()
+        assert r["train"][-1][0] == r["eval"][-1][0] == steps
+        assert r["final_eval_loss"] == r["eval"][-1][1] == summary[label]["final_eval_loss"]["mean"]
+        assert r["eval_tokens"] == settings["eval_tokens"] > 0
+        # It learned something: below the uniform loss over 257 byte values (5.55 nats).
+        assert r["train"][-1][1] < r["train"][0][1] and r["final_eval_loss"] < 5.0
+        assert r["wall_s"] > 0
+    paired = summary["Transformer"]["eval_loss_minus_TNL"]["per_seed"]
+    assert paired == [transformer["final_eval_loss"] - tnl["final_eval_loss"]]
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.splitlines()[0].startswith("| model | parameters | final validation loss")
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:4]] == ["TNL", "Transformer"]
+    assert f"{tnl['final_eval_loss']:.4f}" in table and f"{transformer['final_eval_loss']:.4f}" in table
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.strip().splitlines()[0].startswith("TNL seed 0: validation")
+
+
+def test_models_on_different_data_are_refused_before_training(tmp_path):
+    proc = run("--tiny", "--out", str(tmp_path), "--set", "Transformer:data.seq_len=32", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Transformer's data differs from TNL's" in proc.stderr
+    assert not (tmp_path / "TNL").exists()  # nothing trained
