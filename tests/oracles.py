@@ -1,4 +1,4 @@
-"""Oracles the attention tests share, written independently of the library."""
+"""Oracles and comparisons the tests share, written independently of the library."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def rel_err(x, ref) -> float:
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     assert np.all(np.isfinite(x)), "non-finite values"
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def assert_trees_close(actual, expected, rtol):
+    """Pytrees of arrays equal leaf by leaf to `rtol` of each expected leaf's largest |value| (1 for
+    an all-zero leaf)."""
+    import jax
+
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        scale = float(np.max(np.abs(e))) or 1.0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=rtol * scale)

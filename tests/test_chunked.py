@@ -15,6 +15,7 @@ from lightning_jax.checks import ArgumentError
 from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig, create_sharded_model, make_mesh
 from lightning_jax.training import chunked, step as step_lib
 from lightning_jax.training.config import ConfigError, TrainConfig
+from oracles import assert_trees_close
 
 # O(1)-scale weights so mistakes show; LRPE on layer 0 (the default lrpe_layers).
 CONFIG = TNLConfig.tiny(init_std=0.2, block_size=8, num_layers=2)
@@ -34,12 +35,6 @@ def whole_loss_and_grad(graphdef, params, rest, tokens, weights, block_tokens):
         return total / count
 
     return jax.jit(jax.value_and_grad(mean_loss))(params)
-
-
-def assert_trees_close(actual, expected, rtol):
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        scale = float(np.max(np.abs(e))) or 1.0
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=rtol * scale)
 
 
 def test_extend_chunk_by_chunk_equals_hidden_states():

@@ -15,6 +15,7 @@ from flax import nnx
 from lightning_jax.models import TNL, TNLConfig, create_sharded_model, make_mesh
 from lightning_jax.training import step as step_lib
 from lightning_jax.training.config import ConfigError, TrainConfig
+from oracles import assert_trees_close
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs the eight fake CPU devices of conftest.py")
 
@@ -50,12 +51,6 @@ def loss_and_grads(mesh, config, tokens, block_tokens, compiled_text=False):
         out = jax.device_get(fn(params, tokens, weights))
         text = fn.lower(params, tokens, weights).compile().as_text() if compiled_text else None
     return out, text
-
-
-def assert_trees_close(actual, expected, rtol):
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        scale = float(np.max(np.abs(e))) or 1.0
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=0, atol=rtol * scale)
 
 
 MESHES = [dict(context=2), dict(data=2, context=2), dict(context=4), dict(context=8)]

@@ -72,6 +72,16 @@ def grads(f, args, w_o, w_s):
     return jax.grad(loss, argnums=tuple(range(len(args))))(*args)
 
 
+def assert_gradients_match(split, whole, args, outputs, seed, tol):
+    """dq, dk, dv (and d_initial_state) of the split op within `tol` (rel_err) of one device's, for
+    the loss of `grads` with random weights drawn from `seed` shaped like `outputs` (o, final)."""
+    rng = np.random.default_rng(seed)
+    w_o, w_s = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in outputs)
+    names = ["dq", "dk", "dv", "d_initial_state"]
+    for name, g, g_one in zip(names, grads(split, args, w_o, w_s), grads(whole, args, w_o, w_s)):
+        assert rel_err(g, g_one) < tol, name
+
+
 # devices, tokens per device: odd slices, one token per device, a whole block per device.
 LAYOUTS = [(2, 37), (4, 37), (8, 37), (8, 1), (4, BLOCK)]
 
@@ -94,12 +104,7 @@ def test_outputs_final_state_and_gradients_equal_one_device(n, per_device, with_
     o_ref, final_ref = recurrence_f64(q, k, v, rates, s0, scale=0.7)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
 
-    rng = np.random.default_rng(7)
-    w_o = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)
-    w_s = jnp.asarray(rng.standard_normal(final.shape), jnp.float32)
-    names = ["dq", "dk", "dv", "d_initial_state"]
-    for name, g, g_one in zip(names, grads(split, args, w_o, w_s), grads(whole, args, w_o, w_s)):
-        assert rel_err(g, g_one) < 1e-6, name
+    assert_gradients_match(split, whole, args, (o, final), seed=7, tol=1e-6)
 
 
 def test_long_slices_reduce_their_state_in_pieces():
@@ -114,12 +119,7 @@ def test_long_slices_reduce_their_state_in_pieces():
     assert "f32[1,4,16384,2,4]" in str(jax.make_jaxpr(split)(q, k, v, s0))
     (o, final), (o_one, final_one) = split(q, k, v, s0), whole(q, k, v, s0)
     assert rel_err(o, o_one) < 1e-5 and rel_err(final, final_one) < 1e-5
-    rng = np.random.default_rng(3)
-    w_o = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)
-    w_s = jnp.asarray(rng.standard_normal(final.shape), jnp.float32)
-    for name, g, g_one in zip(["dq", "dk", "dv", "d_initial_state"], grads(split, (q, k, v, s0), w_o, w_s),
-                              grads(whole, (q, k, v, s0), w_o, w_s)):
-        assert rel_err(g, g_one) < 1e-5, name
+    assert_gradients_match(split, whole, (q, k, v, s0), (o, final), seed=3, tol=1e-5)
 
 
 def test_bf16_inputs():
@@ -133,12 +133,7 @@ def test_bf16_inputs():
     assert o.dtype == jnp.bfloat16 and final.dtype == jnp.float32
     assert rel_err(o, o_ref) < 1e-2 and rel_err(o, o_one) < 1e-2
     assert rel_err(final, final_ref) < 1e-3 and rel_err(final, final_one) < 1e-3
-    rng = np.random.default_rng(8)
-    w_o = jnp.asarray(rng.standard_normal(o.shape), jnp.float32)
-    w_s = jnp.asarray(rng.standard_normal(final.shape), jnp.float32)
-    for name, g, g_one in zip(["dq", "dk", "dv", "d_initial_state"], grads(split, (q, k, v, s0), w_o, w_s),
-                              grads(whole, (q, k, v, s0), w_o, w_s)):
-        assert rel_err(g, g_one) < 2e-2, name
+    assert_gradients_match(split, whole, (q, k, v, s0), (o, final), seed=8, tol=2e-2)
 
 
 @pytest.mark.parametrize("implementation", ["reference", "recurrent", "pallas"])

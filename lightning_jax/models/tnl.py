@@ -203,7 +203,7 @@ class TNL(nnx.Module):
         return layers.srms_norm(x, self.config.norm_eps).astype(self.config.dtype)
 
     def _logits(self, x):
-        return layers.lm_logits(self._final_norm(x), self.embed, self.lm_head, self.config.dtype)
+        return self._head(self._final_norm(x))
 
     @jax.named_scope("tnl")
     def _run(self, tokens, pad_mask, return_states: bool, logits: bool = True):

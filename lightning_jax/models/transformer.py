@@ -177,7 +177,7 @@ class Transformer(nnx.Module):
         return layers.embed_tokens(self.embed, tokens, self.config.dtype, scale=self.config.scale_embedding)
 
     def _logits(self, x):
-        return layers.lm_logits(self.final_norm(x), self.embed, self.lm_head, self.config.dtype)
+        return self._head(self.final_norm(x))
 
     def _head(self, hidden):
         """Normed hidden states [batch, time, D] -> logits [batch, time, vocab] float32."""

@@ -80,7 +80,8 @@ def _chunk_loss(model: TNL, cache: TNLCache, inputs, targets, weights, loss_bloc
     return total, cache
 
 
-def _check(chunk_tokens: int, loss_block_tokens: int | None) -> int:
+def _loss_block(chunk_tokens: int, loss_block_tokens: int | None) -> int:
+    """Checks `chunk_tokens`; the loss block in tokens, 0 for the full logits."""
     check_int("chunk_tokens", chunk_tokens, minimum=1)
     return loss_block_tokens or 0
 
@@ -91,7 +92,7 @@ def chunked_loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Ar
 
     tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len]. Returns float32 scalars
     (sum of loss x weight, sum of weight)."""
-    block = _check(chunk_tokens, loss_block_tokens)
+    block = _loss_block(chunk_tokens, loss_block_tokens)
     inputs, targets, chunk_weights, starts = _chunks(tokens, weights, chunk_tokens)
     model = _model(graphdef, params, rest)
 
@@ -113,7 +114,7 @@ def chunked_loss_and_grad(graphdef, params, rest, tokens: jax.Array, weights: ja
 
     tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len]. Gradients have the
     parameters' dtypes; they are accumulated in float32."""
-    block = _check(chunk_tokens, loss_block_tokens)
+    block = _loss_block(chunk_tokens, loss_block_tokens)
     inputs, targets, chunk_weights, starts = _chunks(tokens, weights, chunk_tokens)
     batch = tokens.shape[0]
     count = jnp.sum(weights.astype(F32))
