@@ -6,8 +6,7 @@ splits time evenly, so every slice has the same length; any T, odd ones included
 in its initial state, so the sequence splits exactly (LASP-2's scheme, for a constant decay):
 
 1. Each device reduces its slice to its local state from zero, U_i = sum_t lambda^(T-1-t) k_t^T v_t
-   (one [dk, dv] contraction over T per head, no attention; in pieces of 16,384 tokens summed in
-   fp32, so that a long slice is many GEMMs rather than a few with a huge reduction).
+   (one [dk, dv] contraction over T per head, no attention).
 2. ONE collective: an all-gather of U_i over the axis (fp32 [batch, heads, dk, dv] per device,
    whatever the length). The slice decay lambda^T needs no message: T and the rates are the same on
    every device.
@@ -59,10 +58,6 @@ from lightning_jax import checks
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-# The local state's contraction over time runs in pieces of this many tokens, summed in fp32: one
-# [dk, T] x [T, dv] product per head is a GEMM whose only long dimension is its reduction (a few
-# thread blocks on a GPU for a 1M-token slice); pieces give it batch x pieces x heads of them.
-_TIME_PIECE = 16384
 
 
 def check_context_axis(context_axis) -> str:
@@ -155,25 +150,8 @@ def _operands(k, v, rates):
 
 def _local_state_forward(k, v, rates):
     k_decayed, v_op, _, _, _, precision = _operands(k, v, rates)
-    return _contract_time(k_decayed, v_op, precision), (k, v, rates)
-
-
-def _contract_time(k, v, precision):
-    """sum_t k_t^T v_t: [batch, time, heads, dk] x [batch, time, heads, dv] -> fp32 [batch, heads,
-    dk, dv], in pieces of `_TIME_PIECE` tokens (zero-padded at the end) when time is longer."""
-    batch, time, heads, _ = k.shape
-    if time <= 2 * _TIME_PIECE:
-        return jnp.einsum("bthd,bthe->bhde", k, v, precision=precision, preferred_element_type=_F32)
-    pieces = -(-time // _TIME_PIECE)
-    pad = pieces * _TIME_PIECE - time
-
-    def split(x):
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return x.reshape(batch, pieces, _TIME_PIECE, heads, x.shape[-1])
-
-    partial = jnp.einsum("bcthd,bcthe->bchde", split(k), split(v), precision=precision,
-                         preferred_element_type=_F32)
-    return jnp.sum(partial, axis=1)
+    u = jnp.einsum("bthd,bthe->bhde", k_decayed, v_op, precision=precision, preferred_element_type=_F32)
+    return u, (k, v, rates)
 
 
 def _local_state_backward(residuals, d_u):
