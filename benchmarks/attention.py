@@ -4,12 +4,15 @@ Run on the device machine (see docs/benchmarks.md for the exact command):
 
     PYTHONPATH=$PWD python3 benchmarks/attention.py --out $OUT/attention.json
 
-Sections (all by default; pick with --sections check,family_a,family_b):
+Sections (check, family_a and family_b by default; pick with --sections check,family_a,family_b,segments):
   check     our op ("pallas") against `chunked_reference` for time in {1, 63, 64, 1000, 4096, 65536},
             dims {64, 128, 192, 256}, rates incl. 0 and 8, with an initial state: output, final
             state and all gradients (q, k, v, initial state), bf16 (<= 1e-2) and some fp32 (<= 1e-3).
   family_a  65,536 tokens, heads 16, dim 128, time 1,024 .. 65,536 (batch = 65,536 / time), bf16.
   family_b  the flash-linear-attention shape set, bf16.
+  segments  the cost of packed documents: our op ("pallas") forward and forward+backward with
+            segment_ids (--segments N equal documents per row, ids a traced argument) against none,
+            at the family_a shapes (or --shapes); reports the ratio with / without per shape.
 Each timed row: forward and forward+backward medians (ms), peak memory, and the fraction of the HBM
 floor (bytes of q, k, v, o [+ dO, dq, dk, dv] over the copy bandwidth measured in the same run).
 Peers are timed in the same process when importable: fla (flash-linear-attention chunk_simple_gla),
@@ -383,6 +386,47 @@ def time_shape(shape, bandwidth, peers: bool):
     return dict(shape=list(shape), floor_fwd_s=floor_fwd, floor_fb_s=floor_fb, impls=rows)
 
 
+def time_segments(shape, documents: int):
+    """Our op at `shape` with `documents` equal documents per row (segment_ids) and without: medians
+    of forward and forward+backward, and their ratios (with / without)."""
+    batch, time_, heads, dim = shape
+    rates = jnp.asarray(alibi_slopes(heads), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(hash(shape) % 2**31), 8)
+    arg_sets = [tuple(jax.random.normal(keys[4 * s + i], shape, jnp.bfloat16) for i in range(4)) for s in range(2)]
+    ids = jnp.broadcast_to(jnp.arange(time_, dtype=jnp.int32) * documents // time_, (batch, time_))
+
+    def op(q, k, v, seg):
+        return lightning_attention(q, k, v, rates, segment_ids=seg, implementation="pallas")
+
+    def fb_fn(q, k, v, do, seg):
+        o, vjp = jax.vjp(lambda q, k, v: op(q, k, v, seg), q, k, v)
+        return o, vjp(do)
+
+    fwd, fb = jax.jit(lambda q, k, v, do, seg: op(q, k, v, seg)), jax.jit(fb_fn)
+    entry = dict(shape=list(shape), documents=documents)
+    for name, seg in (("none", None), ("segments", ids)):
+        sets = [(*a, seg) for a in arg_sets]  # the ids are an argument: traced, as in training
+        entry[name] = row = {}
+        try:
+            row["finite"] = bool(jnp.isfinite(fwd(*sets[0]).astype(jnp.float32)).all())
+            row["fwd_s"] = time_jax(fwd, sets)
+            row["fb_s"] = time_jax(fb, sets)
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        log(f"  {shape} {name:8s} " + " ".join(f"{k}={v}" for k, v in row.items()))
+    for key in ("fwd_s", "fb_s"):
+        if key in entry["none"] and key in entry["segments"]:
+            entry[key.replace("_s", "_ratio")] = entry["segments"][key] / entry["none"][key]
+    return entry
+
+
+def section_segments(results, shapes, documents):
+    out = results["segments"] = []
+    for shape in shapes:
+        out.append(time_segments(shape, documents))
+        SAVE()
+
+
 def section_family(results, key, shapes, bandwidth, peers):
     out = results[key] = []
     for shape in shapes:
@@ -442,6 +486,14 @@ def print_tables(results):
             floor = ours.get("fwd_floor_frac"), ours.get("fb_floor_frac")
             fl = f" floor {floor[0]:.2f}/{floor[1]:.2f}" if None not in floor else ""
             log(f"  {tuple(entry['shape'])}{fl}: " + "; ".join(parts))
+    if "segments" in results:
+        log("\nsegments: pallas ms forward/forward+backward, without and with segment_ids; ratio = with / without")
+        for entry in results["segments"]:
+            none, seg = entry["none"], entry["segments"]
+            ratio = "/".join(f"x{entry[k]:.2f}" if k in entry else "-" for k in ("fwd_ratio", "fb_ratio"))
+            log(f"  {tuple(entry['shape'])} {entry['documents']} documents per row: "
+                f"{fmt_ms(none, 'fwd_s')}/{fmt_ms(none, 'fb_s')} -> {fmt_ms(seg, 'fwd_s')}/{fmt_ms(seg, 'fb_s')} "
+                f"({ratio})")
 
 
 def main():
@@ -457,9 +509,14 @@ def main():
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
-                        help="family_b subset, e.g. 8x2048x32x256,8x1024x8x64 (default: all)")
+                        help="shapes of family_b and segments, e.g. 8x2048x32x256,8x1024x8x64 (default: all of "
+                             "family_b; family_a's for segments)")
+    parser.add_argument("--segments", type=int, default=4,
+                        help="segments section: equal documents per row (default 4)")
     args = parser.parse_args()
     family_b = FAMILY_B
+    if args.segments < 1:
+        parser.error(f"--segments: got {args.segments}, expected >= 1")
     if args.shapes:
         family_b = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         unknown = [shape for shape in family_b if len(shape) != 4]
@@ -496,6 +553,9 @@ def main():
         if "family_b" in sections:
             section_family(results, "family_b", family_b, bw, not args.no_peers)
             save()
+    if "segments" in sections:
+        section_segments(results, family_b if args.shapes else FAMILY_A, args.segments)
+        save()
     if "check" in sections:
         section_check(results, args.check_set, args.check_start, shard)
     save()

@@ -20,7 +20,14 @@ Writes under `--out` (default runs/compare_demo): `LABEL/seed<N>/metrics.jsonl` 
 `results.json` (settings, every run's curves and final numbers, the summary), `comparison.md` (the
 table: mean and per-seed final validation loss, train loss, wall time, parameters) and `loss.png`
 (train and eval curves of every model, means over seeds). With `--reuse`, a run whose workdir holds a
-finished result of the same config is read back instead of trained again.
+finished result of the same config is read back instead of trained again; `--reuse-from DIR`
+(repeatable) also looks for it in another --out directory (`DIR/LABEL/seed<N>/`, e.g. runs of one
+model each on separate GPUs), copies it in, and trains nothing: a run found nowhere is an error.
+
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/compare_models.py --model TNL=... --out runs/a &
+    CUDA_VISIBLE_DEVICES=1 python benchmarks/compare_models.py --model Transformer=... --out runs/b
+    python benchmarks/compare_models.py --model TNL=... --model Transformer=... --out runs/ab \\
+        --reuse-from runs/a --reuse-from runs/b     # the table and plot of both
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ def parse_args(argv=None):
                    help="held-out tokens to evaluate: -1 (default) the whole split, N the first N")
     p.add_argument("--out", default="runs/compare_demo", help="output directory (default runs/compare_demo)")
     p.add_argument("--reuse", action="store_true", help="read back finished runs of the same config instead of training")
+    p.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                   help="read finished runs of the same config from another --out directory too (repeatable); "
+                        "train nothing")
     p.add_argument("--tiny", action="store_true",
                    help=f"smoke mode: {TINY['steps']} steps of {TINY['batch_size']} x {TINY['seq_len']} tokens, "
                         f"{TINY['seeds']} seed, the first {TINY['eval_tokens']} held-out tokens")
@@ -168,6 +178,35 @@ def check_comparable(configs: dict[str, dict]) -> list[str]:
     return sorted({k for label in labels[1:] for k, v in configs[label]["optim"].items() if first["optim"][k] != v})
 
 
+def _finished(workdir: str, config: dict) -> dict | None:
+    """The result.json in `workdir` if it is a finished run of `config` (the workdir aside)."""
+    result_path = os.path.join(workdir, "result.json")
+    if not os.path.exists(result_path):
+        return None
+    with open(result_path) as f:
+        result = json.load(f)
+    same = {k: v for k, v in result.get("config", {}).items() if k != "workdir"} == {
+        k: v for k, v in config.items() if k != "workdir"}
+    return result if same else None  # the same run (a renamed or copied workdir too)
+
+
+def reuse_from(config: dict, others: list[str]) -> dict:
+    """A finished run of `config` from the first of the workdirs `others` that holds one, copied into
+    config's workdir (result.json, metrics.jsonl). Exits with status 2 if none does."""
+    workdir = config["workdir"]
+    for other in others:
+        result = _finished(other, config)
+        if result is not None:
+            os.makedirs(workdir, exist_ok=True)
+            for name in ("metrics.jsonl", "result.json"):
+                if os.path.exists(os.path.join(other, name)) and os.path.abspath(other) != os.path.abspath(workdir):
+                    shutil.copyfile(os.path.join(other, name), os.path.join(workdir, name))
+            return {**result, "config": config}
+    print(f"error: --reuse-from: no finished run of this config in {others} (a result.json whose config "
+          f"differs, e.g. in --set, --steps or --eval-tokens, does not count)", file=sys.stderr)
+    sys.exit(2)
+
+
 def train_one(config: dict, reuse: bool) -> tuple[dict, bool]:
     """Trains one run (or reads back a finished one with --reuse) -> (its result dict, reused)."""
     from lightning_jax.training.config import TrainConfig
@@ -177,12 +216,9 @@ def train_one(config: dict, reuse: bool) -> tuple[dict, bool]:
 
     workdir = config["workdir"]
     result_path = os.path.join(workdir, "result.json")
-    if reuse and os.path.exists(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
-        same = {k: v for k, v in result.get("config", {}).items() if k != "workdir"} == {
-            k: v for k, v in config.items() if k != "workdir"}
-        if same:  # the same run (a renamed or copied workdir too)
+    if reuse:
+        result = _finished(workdir, config)
+        if result is not None:
             return {**result, "config": config}, True
     if os.path.isdir(workdir):
         shutil.rmtree(workdir)  # no checkpoints to resume from: start over, one curve per workdir
@@ -326,7 +362,12 @@ def main(argv=None) -> dict:
     results: dict[str, list[dict]] = {label: [] for label in configs}
     for seed in seeds:  # seed-major: a partial sweep has every model at the first seeds
         for label in configs:
-            result, reused = train_one(configs[label][seed], args.reuse)
+            if args.reuse_from:  # this --out first, then each DIR/LABEL/seed<N>
+                config = configs[label][seed]
+                others = [os.path.join(d, label, f"seed{seed}") for d in args.reuse_from]
+                result, reused = reuse_from(config, [config["workdir"], *others]), True
+            else:
+                result, reused = train_one(configs[label][seed], args.reuse)
             results[label].append(result)
             print(f"{label} seed {seed}: validation {result['final_eval_loss']:.4f}, train "
                   f"{result['final_train_loss']:.4f}, {result['wall_s']:.0f} s" + (" (reused)" if reused else ""),

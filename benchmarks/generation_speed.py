@@ -14,8 +14,9 @@ is compiled ahead of time for max_new_tokens N1 = 1 (prefill and the first token
 `--steps`; each program is called once (warm-up), then `--repeats` times back to back with one
 `block_until_ready` at the end, so the device runs the calls without waiting for Python. With t1,
 t2 the seconds per call: prefill ~ t1, decode per step = (t2 - t1) / (N2 - N1), decode tokens/s =
-batch x steps / (t2 - t1). A call slower than 1 s is timed once (after its warm-up). At long
-prompts the decode is a small part of t2 (`decode_share`): the difference is then noisier.
+batch x steps / (t2 - t1). A program whose first call takes over 2 s is timed by that call alone.
+At long prompts the decode is a small part of t2 (`decode_share`): the difference is then noisier
+(raise --steps for those cells).
 TNL prompts longer than `--prefill-chunk` are prefilled a chunk at a time (`prefill_chunk`); the
 Transformer's prefill is one call and its KV cache holds prompt + N2 positions.
 
@@ -44,6 +45,9 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+if "--tiny" in sys.argv[1:]:  # the smoke run compiles ~20 small programs: XLA:CPU's cheap mode halves that time
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                               " --xla_llvm_disable_expensive_passes=true").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,7 +58,7 @@ from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig 
 
 PARAMS = {"bf16": "bfloat16", "fp32": "float32"}
 VARIANT_KEYS = {"params": str, "scan": int, "attn": str, "prompt": int, "batch": int}
-LONG_CALL_S = 1.0  # a call slower than this is timed once after its warm-up
+LONG_CALL_S = 2.0  # a call slower than this is timed by its first call alone
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -77,6 +81,10 @@ def label(cell: dict) -> str:
     return text
 
 
+def memory_stats() -> dict:
+    return jax.devices()[0].memory_stats() or {}  # None on CPU
+
+
 def floor_bytes(config, model: str, prompt: int, batch: int, n2: int) -> tuple[float, float]:
     """(weight bytes, state bytes) one decode step moves at least."""
     weights = 2.0 * config.num_params()
@@ -93,16 +101,20 @@ def plan_bytes(compiled) -> int | None:
         m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                    - m.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001: not every backend plans
+    except Exception:  # noqa: BLE001 (not every backend plans)
         return None
 
 
 def time_calls(compiled, args, repeats: int) -> tuple[float, int, object]:
-    """Seconds per call of `compiled(*args)` (after one warm-up call), the calls timed, the output."""
+    """Seconds per call of `compiled(*args)`, the calls timed, the output: `repeats` calls after a
+    warm-up call, or the first call alone if it took over LONG_CALL_S (the program is compiled
+    already; what a first call adds is small against seconds, and the same in t1 and t2)."""
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     warm = time.perf_counter() - t0
-    reps = 1 if warm > LONG_CALL_S else repeats
+    if warm > LONG_CALL_S:
+        return warm, 1, out
+    reps = repeats
     t0 = time.perf_counter()
     for _ in range(reps):
         out = compiled(*args)
@@ -120,7 +132,7 @@ def run_cell(cell: dict, model_obj, args) -> dict:
     row = {"label": label(cell), **cell, "steps": steps, "prefill_chunk": chunk, "params_count": config.num_params(),
            "weights_gb": weights / 1e9, "state_gb": state_bytes / 1e9,
            "floor_ms": 1e3 * (weights + state_bytes) / bandwidth}
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = memory_stats()
     limit = stats.get("bytes_limit")
     row["limit_gib"] = None if limit is None else limit / 2**30
     rng_np = np.random.default_rng(prompt * 131 + batch)
@@ -148,8 +160,10 @@ def run_cell(cell: dict, model_obj, args) -> dict:
         t2, reps2, out2 = time_calls(compiled[n2], call_args, args.repeats)
         t1, reps1, out1 = time_calls(compiled[n1], call_args, args.repeats)
         out1, out2 = np.asarray(out1), np.asarray(out2)
-        if out1.shape != (batch, n1) or out2.shape != (batch, n2) or not np.array_equal(out1[:, 0], out2[:, 0]):
-            raise AssertionError(f"generated tokens disagree: {out1.shape} {out2.shape}")
+        if out1.shape != (batch, n1) or out2.shape != (batch, n2):
+            raise AssertionError(f"generated tokens: got shapes {out1.shape} {out2.shape}")
+        # Recorded, not enforced: the two programs may round the logits differently (near ties).
+        row["first_tokens_agree"] = bool(np.array_equal(out1[:, 0], out2[:, 0]))
         if args.check_generate:  # the public function gives the tokens timed here
             public = np.asarray(generation.generate(model_obj, tokens, n2, temperature=0.0, rng=jax.random.key(0),
                                                     prefill_chunk=chunk))
@@ -164,13 +178,13 @@ def run_cell(cell: dict, model_obj, args) -> dict:
             decode_share=decode_s / t2,
         )
         row["x_floor"] = row["decode_ms_per_step"] / row["floor_ms"]
-    except Exception as e:  # noqa: BLE001: one failing cell must not end the sweep
+    except Exception as e:  # noqa: BLE001 (one failing cell must not end the sweep)
         first = (str(e).strip().splitlines() or [repr(e)])[0][:300]
         row.update(status="does not fit" if _is_oom(e) else "error", error=first)
     finally:
         compiled.clear()
         gc.collect()
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = memory_stats()
     if "peak_bytes_in_use" in stats:
         row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     return row
@@ -206,10 +220,10 @@ def make_cells(args) -> list[dict]:
         if variant["model"] in models and variant not in cells:
             cells.append(variant)
     for cell in cells:
-        if cell["model"] == "tnl":
+        if cell["model"] == "tnl" or cell["attn"] in ("default", "none", ""):
             cell["attn"] = None
-        elif cell["attn"] in ("default", "none", ""):
-            cell["attn"] = None
+        elif cell["attn"] not in ("cudnn", "xla"):
+            raise SystemExit(f"attention: got {cell['attn']!r}, expected cudnn, xla or default")
     # Cells of one model configuration run together: the model is built once for them.
     key = lambda c: (c["model"] != "tnl", c["params"] != args.param_dtype, c["scan"] != args.scan, c["params"],
                      c["scan"], str(c["attn"]))
@@ -237,7 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=None, help="comma-separated prompt lengths (default 1024,32768,131072)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,64)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed: N2 = 1 + steps (default 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each program (1 if a call > 1 s)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls of each program (default 3, 10 with --tiny; 1 if a call takes > 2 s)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="TNL prompts longer than this prefill a chunk at a time (default 32768)")
     parser.add_argument("--param-dtype", default="bf16", help="parameters of the main cells: bf16 or fp32")
@@ -253,8 +268,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.prompts = args.prompts or ("16,64" if args.tiny else "1024,32768,131072")
     args.batches = args.batches or ("1,2" if args.tiny else "1,64")
-    args.steps = args.steps or (4 if args.tiny else 128)
-    args.prefill_chunk = args.prefill_chunk or (32 if args.tiny else 32768)
+    args.steps = (4 if args.tiny else 128) if args.steps is None else args.steps
+    args.repeats = (10 if args.tiny else 3) if args.repeats is None else args.repeats
+    args.prefill_chunk = (32 if args.tiny else 32768) if args.prefill_chunk is None else args.prefill_chunk
     args.check_generate = args.check_generate or args.tiny
     if args.transformer_attention is None:
         args.transformer_attention = "cudnn" if jax.default_backend() == "gpu" and not args.tiny else "default"

@@ -50,3 +50,51 @@ def test_kernels_script_runs_on_cpu(monkeypatch):
     assert len(res) == 2 * 2 + 2, res
     for row in res.values():
         assert np.isfinite(row["rel_err"]) and row["rel_err"] < 1e-5, res
+
+
+def test_segments_section_runs_on_cpu(monkeypatch, capsys):
+    # benchmarks/attention.py's segments section at a tiny shape (interpret mode), each call run
+    # once instead of timed: both variants run, the ratios and the table come out.
+    calls = []
+    monkeypatch.setattr(bench, "time_jax", lambda fn, sets: calls.append(jax.block_until_ready(fn(*sets[0]))) or 1.0)
+    entry = bench.time_segments((2, 128, 2, 16), 3)
+    assert len(calls) == 4 and entry["documents"] == 3
+    assert entry["none"]["finite"] and entry["segments"]["finite"], entry
+    assert entry["fwd_ratio"] == entry["fb_ratio"] == 1.0
+    # The documents reset the state: the outputs differ after the first boundary only.
+    o_none, o_seg = np.asarray(calls[0], np.float32), np.asarray(calls[2], np.float32)
+    np.testing.assert_allclose(o_none[:, :43], o_seg[:, :43], rtol=1e-2, atol=1e-2)
+    assert not np.allclose(o_none[:, 43:], o_seg[:, 43:])
+    bench.print_tables({"segments": [entry]})
+    assert "3 documents per row" in capsys.readouterr().out
+
+
+def test_generation_speed_tiny_runs_every_cell(tmp_path):
+    # benchmarks/generation_speed.py --tiny end to end (both models, TNL's chunked prefill, the
+    # fp32-parameter and unscanned variants; generate() checked against the timed programs), in
+    # its own process with one CPU device, as it is run.
+    import json
+    import os
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "benchmarks/generation_speed.py", "--tiny"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows == json.loads((tmp_path / "generation_speed.json").read_text())["rows"]
+    assert {r["status"] for r in rows} == {"ok"}, [(r["label"], r.get("error")) for r in rows]
+    cells = {(r["label"], r["prompt"], r["batch"]) for r in rows}
+    for model in ("tnl:params=bf16:scan=1", "transformer:params=bf16:scan=1:attn=default"):
+        assert {(model, p, b) for p in (16, 64) for b in (1, 2)} <= cells
+    assert {("tnl:params=fp32:scan=1", 16, 1), ("tnl:params=bf16:scan=0", 16, 1)} <= cells
+    assert len(rows) == 10
+    assert any(r["prefill_chunk"] for r in rows if r["model"] == "tnl")
+    for r in rows:
+        assert r["steps"] == 4 and r["compile_s"] > 0 and r["plan_gib"] > 0 and r["first_tokens_agree"]
+        assert r["prefill_ms"] > 0 and r["t2_ms"] > 0 and r["floor_ms"] > 0 and r["weights_gb"] > 0
+        # On a loaded CPU the difference of two tiny timings could come out negative: only its sign
+        # matters for the tokens/s, which is None then.
+        assert r["decode_tokens_per_s"] is None or r["decode_tokens_per_s"] > 0
+    assert "| cell | prompt | batch |" in proc.stdout

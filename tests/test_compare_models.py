@@ -58,3 +58,28 @@ def test_models_on_different_data_are_refused_before_training(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Transformer's data differs from TNL's" in proc.stderr
     assert not (tmp_path / "TNL").exists()  # nothing trained
+
+
+def test_runs_of_one_model_each_merge_with_reuse_from(tmp_path):
+    # As on two GPUs: each model in its own --out, then the table of both from those runs, nothing trained.
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "ab"
+    quick = ("--tiny", "--steps", "4", "--eval-every", "2", "--no-plot")
+    for out, model in ((a, "TNL=train/configs/demo.py"), (b, "Transformer=train/configs/demo_transformer.py")):
+        proc = run(*quick, "--model", model, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    both = ("--model", "TNL=train/configs/demo.py", "--model", "Transformer=train/configs/demo_transformer.py")
+    proc = run(*quick, *both, "--out", str(merged), "--reuse-from", str(a), "--reuse-from", str(b), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("(reused)") == 2
+    runs = json.loads((merged / "results.json").read_text())["runs"]
+    for label, out in (("TNL", a), ("Transformer", b)):
+        original = json.loads((out / label / "seed0" / "result.json").read_text())
+        assert runs[label][0]["final_eval_loss"] == original["final_eval_loss"]
+        assert runs[label][0]["wall_s"] == original["wall_s"]
+        assert (merged / label / "seed0" / "metrics.jsonl").is_file()
+    assert "Transformer minus TNL" in (merged / "comparison.md").read_text()
+    # A run of another config (here other steps) is not taken, and nothing is trained instead.
+    proc = run("--tiny", "--steps", "6", "--eval-every", "2", "--no-plot", *both, "--out", str(tmp_path / "c"),
+               "--reuse-from", str(a), "--reuse-from", str(b), timeout=120)
+    assert proc.returncode == 2 and "--reuse-from: no finished run" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "c" / "TNL" / "seed0" / "metrics.jsonl").exists()
