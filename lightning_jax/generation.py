@@ -15,6 +15,13 @@ tokens one step at a time (for streaming; `train/generate.py` is the command lin
 are checked before `jit`: ids outside [0, vocab_size) raise ArgumentError naming `prompt_tokens`
 (inside `jit` they cannot be seen, and an id >= vocab_size would give NaN logits). A `generate` or
 `Sampler` called with a traced prompt (inside an outer `jit`) trusts its ids.
+
+Layer layout: both decode a model built with `scan_layers=True` (the training layout, and that of
+its checkpoints) through the same model unscanned (`decoding_model`: one layer group per layer,
+`models.stack.relayout`): the same parameters and the same tokens, but a decoding step without the
+scan's per-step dynamic slices of stacked weights and states (on an H200, TNL-385M at batch 64:
+1.43 ms per step unscanned, 3.07 ms scanned). The conversion copies the layer weights once per
+`generate` call and once per `Sampler` (a few ms; the copy lives as long as the call / sampler).
 """
 
 from __future__ import annotations
@@ -30,6 +37,16 @@ from flax import nnx
 
 from lightning_jax import checks
 from lightning_jax.models.layers import check_token_range
+from lightning_jax.models.stack import is_stacked, relayout
+
+
+def decoding_model(model: nnx.Module) -> nnx.Module:
+    """The model to decode with: `model` itself, or when some of its layer groups are stacked
+    (`scan_layers=True`) the same model with one group per layer (`relayout(model, scan=False)`, a
+    copy of the layer weights): one decoding step runs about twice as fast at large batches."""
+    if getattr(getattr(model, "config", None), "scan_layers", False) and is_stacked(model):
+        return relayout(model, scan=False)
+    return model
 
 
 def generate(
@@ -62,12 +79,15 @@ def generate(
       prefill_chunk: None, or (TNL only; static) run prompts longer than this many tokens through
         the model a chunk at a time (`TNL.prefill(chunk=)`): same tokens, one chunk's activations.
 
+    A model with scanned layers is decoded unscanned (`decoding_model`: one copy of its layer
+    weights per call, freed at the end; the same tokens).
+
     Returns:
       [batch, max_new_tokens] int32: the generated tokens (the prompt not included).
     """
     prompt_tokens, pad_mask, temperature, top_p = _check_arguments(
         model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, pad_id, pad_mask, prefill_chunk)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(decoding_model(model))
     return _generate(graphdef, state, prompt_tokens, pad_mask, rng, temperature, top_p,
                      max_new_tokens=max_new_tokens, top_k=top_k, prefill_chunk=prefill_chunk)
 
@@ -170,7 +190,8 @@ class Sampler:
     `token, cache = sampler.decode(token, cache, i)` for i = 1 .. max_new_tokens - 1 (it donates
     `cache`). The prefill is compiled when the sampler is made (`compile_seconds`), so timing
     `prefill()` measures the prefill alone; `decode` compiles at its first call. Arguments and
-    checks as `generate`'s.
+    checks as `generate`'s. A model with scanned layers is decoded unscanned (`decoding_model`:
+    the sampler holds a copy of its layer weights; the same tokens).
     """
 
     def __init__(self, model: nnx.Module, prompt_tokens: jax.Array, max_new_tokens: int, *,
@@ -179,7 +200,7 @@ class Sampler:
         self.prompt_tokens, self.pad_mask, self._temperature, self._top_p = _check_arguments(
             model, prompt_tokens, max_new_tokens, temperature, top_k, top_p, pad_id, pad_mask, prefill_chunk)
         self.max_new_tokens, self.top_k, self.rng = max_new_tokens, top_k, rng
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = nnx.split(decoding_model(model))
         start = time.perf_counter()
         self._prefill = _prefill_step.lower(
             self._graphdef, self._state, self.prompt_tokens, self.pad_mask, rng, self._temperature, self._top_p,

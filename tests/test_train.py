@@ -81,7 +81,7 @@ def test_validation_rows_cover_every_target_once():
     assert tokens.shape == (13, 101) and weights.sum() == 1234
     # Row r's last token is row r+1's first: consecutive rows continue the stream.
     np.testing.assert_array_equal(tokens[:-1, -1], tokens[1:, 0])
-    batches = list(data.validation_batches(tokens, weights, 8))
+    batches = list(data.validation_batches(8, tokens, weights))
     assert [b[0].shape[0] for b in batches] == [8, 8] and sum(b[1].sum() for b in batches) == 1234
 
 

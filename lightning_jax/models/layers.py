@@ -138,6 +138,23 @@ def lm_logits(x: jax.Array, embed: nnx.Param, lm_head: nnx.Param | None, dtype) 
     return head_logits(x.astype(dtype), *logits_weight(embed, lm_head))
 
 
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """[batch, time] bool: True where a packed document starts after another in the same row (the
+    segment id changes); False at time 0, whose document may continue an earlier call's."""
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), change], axis=1)
+
+
+def positions_in_documents(segment_ids: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """[batch, time] int32 positions that restart at 0 at each document start (`document_starts`).
+    The row's first document continues from `offset` ([batch] int or a scalar: its tokens so far)."""
+    time = segment_ids.shape[1]
+    t = jnp.arange(time, dtype=jnp.int32)
+    start = jax.lax.cummax(jnp.where(document_starts(segment_ids), t, 0), axis=1)  # the document's first index
+    offset = jnp.asarray(offset, jnp.int32).reshape(-1, 1)
+    return jnp.where(start == 0, t + offset, t - start)
+
+
 def positions_from_mask(pad_mask: jax.Array | None, batch: int, time: int) -> jax.Array:
     """[batch, time] int32 positions: 0, 1, ... from each row's first real token (left padding).
 

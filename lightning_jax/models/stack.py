@@ -20,6 +20,8 @@ state).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Hashable, Sequence
 
 import jax
@@ -174,3 +176,160 @@ class LayerStack(nnx.List):
                     x, out = apply_group(group, count, fn, x, group_inputs, remat)
                 outputs.append(out)
         return x, tuple(outputs)
+
+
+# Layouts: the same layers, scanned or not ------------------------------------------------------
+
+
+def layer_stacks(model: nnx.Module) -> dict[tuple, LayerStack]:
+    """The `LayerStack`s in `model` by path (e.g. {("groups",): model.groups} for TNL / Transformer)."""
+    return {tuple(path): node for path, node in nnx.iter_graph(model) if isinstance(node, LayerStack)}
+
+
+def is_stacked(model: nnx.Module) -> bool:
+    """Whether some layer group of `model` is stacked (a scanned group of more than one layer)."""
+    return any(count > 1 for stack in layer_stacks(model).values() for _, count in stack.layout)
+
+
+def _group_of(layout: Sequence[tuple[int, int]], layer: int) -> int:
+    for group, (first, count) in enumerate(layout):
+        if first <= layer < first + count:
+            return group
+    raise ValueError(f"layer {layer} is in no group of layout {tuple(layout)}")
+
+
+def restack(leaves: dict[tuple, Any], layouts_from: dict[tuple, Sequence[tuple[int, int]]],
+            layouts_to: dict[tuple, Sequence[tuple[int, int]]]) -> dict[tuple, Any]:
+    """A model's state leaves from one layer layout to another (pure: works on traced arrays).
+
+    leaves: flat state, path -> array (as `nnx.to_flat_state`, values taken out of the Variables).
+    layouts_from / layouts_to: stack path -> its (first_layer, count) groups before / after, e.g.
+    ``{("groups",): ((0, 1), (1, 2))}`` -> ``{("groups",): ((0, 1), (1, 1), (2, 1))}``. A leaf at
+    ``<stack>/<group>/<rest>`` belongs to layer(s) of that group (a [count] leading axis when
+    count > 1); the result has the leaves of the target groups, a layer's slice for count 1 and
+    the layers stacked for count > 1. Leaves outside the stacks pass through."""
+    if set(layouts_from) != set(layouts_to):
+        raise ValueError(f"layer stacks: got {sorted(layouts_to)}, expected those of the source {sorted(layouts_from)}")
+    out, under = {}, {}
+    for path, leaf in leaves.items():
+        stack = next((s for s in layouts_from if len(path) > len(s) and path[:len(s)] == s), None)
+        if stack is None:
+            out[path] = leaf
+        else:
+            under.setdefault(stack, {}).setdefault(path[len(stack)], []).append(path[len(stack) + 1:])
+    for stack, layout_to in layouts_to.items():
+        layout_from = layouts_from[stack]
+        layers_from = sum(count for _, count in layout_from)
+        if sum(count for _, count in layout_to) != layers_from:
+            raise ValueError(f"layout {tuple(layout_to)} of {'/'.join(map(str, stack))}: got "
+                             f"{sum(count for _, count in layout_to)} layers, expected {layers_from}")
+        rests = under.get(stack, {})
+
+        def layer_leaf(layer, rest):
+            group = _group_of(layout_from, layer)
+            first, count = layout_from[group]
+            leaf = leaves[(*stack, group, *rest)]
+            return leaf if count == 1 else jax.lax.index_in_dim(leaf, layer - first, keepdims=False)
+
+        for group, (first, count) in enumerate(layout_to):
+            # Layers of one target group have one structure: that of the source group of its first.
+            for rest in rests.get(_group_of(layout_from, first), ()):
+                per_layer = [layer_leaf(layer, rest) for layer in range(first, first + count)]
+                out[(*stack, group, *rest)] = per_layer[0] if count == 1 else jnp.stack(per_layer)
+    return out
+
+
+def _target_sharding(leaf_path, leaves, layouts_from, layouts_to):
+    """The sharding of a restacked leaf: its source's (a NamedSharding) less a sliced leading
+    "layers" axis, or with one added when stacking; None when unknown."""
+    stack = next((s for s in layouts_to if len(leaf_path) > len(s) and leaf_path[:len(s)] == s), None)
+    if stack is None:
+        source, add, drop = leaves[leaf_path], False, False
+    else:
+        group, rest = leaf_path[len(stack)], leaf_path[len(stack) + 1:]
+        first, count = layouts_to[stack][group]
+        source_group = _group_of(layouts_from[stack], first)
+        source = leaves[(*stack, source_group, *rest)]
+        stacked_from = layouts_from[stack][source_group][1] > 1
+        add, drop = count > 1 and not stacked_from, count == 1 and stacked_from
+    sharding = getattr(source, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    spec = tuple(sharding.spec)
+    spec = spec[1:] if drop else (None, *spec) if add and spec else spec
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _plan(cls, target_config, paths_from, avals_from, layouts_from):
+    """What `relayout` needs of the target model `cls(target_config)`, built with `nnx.eval_shape`
+    (nothing allocated): (graphdef, its flat abstract state [(path, Variable)], its layouts), after
+    checking that restacking a state of these paths and (shape, dtype)s gives exactly its state."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(target_config, rngs=nnx.Rngs(0))))
+    layouts_to = tuple((path, tuple(s.layout)) for path, s in layer_stacks(nnx.merge(graphdef, abstract)).items())
+    target = tuple((tuple(path), var) for path, var in nnx.to_flat_state(abstract))
+    wanted = {path: (tuple(var.get_value().shape), jnp.dtype(var.get_value().dtype)) for path, var in target}
+    try:
+        produced = jax.eval_shape(
+            lambda v: restack(dict(zip(paths_from, v)), dict(layouts_from), dict(layouts_to)),
+            [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals_from])
+        got = {path: (tuple(leaf.shape), jnp.dtype(leaf.dtype)) for path, leaf in produced.items()}
+    except (KeyError, ValueError, TypeError) as e:
+        got = f"an error ({e!r})"
+    if got != wanted:
+        raise ValueError(f"relayout of a {cls.__name__}: its state restacked is {got}, expected that of the "
+                         f"model built with scan_layers={target_config.scan_layers}: {wanted}")
+    return graphdef, target, layouts_to
+
+
+_plan_cached = functools.lru_cache(maxsize=16)(_plan)
+
+
+@functools.lru_cache(maxsize=16)
+def _restack_program(paths_from, layouts_from, layouts_to, paths_to, shardings):
+    """jit(list of source leaves -> list of target leaves), one per structure (and shardings)."""
+    def convert(values):
+        out = restack(dict(zip(paths_from, values)), dict(layouts_from), dict(layouts_to))
+        return [out[path] for path in paths_to]
+
+    return jax.jit(convert) if shardings is None else jax.jit(convert, out_shardings=list(shardings))
+
+
+def relayout(model: nnx.Module, scan: bool) -> nnx.Module:
+    """`model` (TNL, Transformer: a `config` with `scan_layers`, built as `cls(config, rngs=)`)
+    with its layers in the layout of `scan_layers=scan`: the same parameters (and any other state),
+    a stacked group's leaves sliced into one leaf per layer (`scan=False`), or single layers'
+    leaves stacked on a leading [count] axis (`scan=True`). Returns `model` itself when its config
+    already says `scan_layers=scan`; otherwise a new model (config `dataclasses.replace`d), and
+    `model` is left as it was (checkpoints keep the layout of the training config; convert after
+    loading).
+
+    Costs one copy of the layer weights, in one compiled program (cached per structure). Arrays
+    with a `NamedSharding` keep it, less the leading "layers" axis when unstacked (with a
+    replicated one added when stacked); the Variables' metadata are those of the target layout
+    (no "layers" axis name on an unstacked parameter). Decoding is faster unscanned (no per-step
+    dynamic slices of the stacked weights and states): `generate` and `Sampler` decode through
+    `relayout(model, scan=False)`."""
+    config = model.config
+    if config.scan_layers == scan:
+        return model
+    target_config = dataclasses.replace(config, scan_layers=scan)
+    layouts_from = tuple((path, tuple(s.layout)) for path, s in layer_stacks(model).items())
+    source = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))]
+    paths_from, values = tuple(p for p, _ in source), [v for _, v in source]
+    plan_key = (type(model), target_config, paths_from,
+                tuple((tuple(jnp.shape(v)), jnp.result_type(v)) for v in values), layouts_from)
+    try:
+        graphdef, target, layouts_to = _plan_cached(*plan_key)
+    except TypeError:  # an unhashable config: plan each time
+        graphdef, target, layouts_to = _plan(*plan_key)
+    paths_to = tuple(path for path, _ in target)
+
+    shardings = None
+    if all(isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer) for v in values):
+        leaves, froms, tos = dict(source), dict(layouts_from), dict(layouts_to)
+        shardings = tuple(_target_sharding(path, leaves, froms, tos) for path in paths_to)
+        if any(s is None for s in shardings):
+            shardings = None
+    new = _restack_program(paths_from, layouts_from, layouts_to, paths_to, shardings)(values)
+    return nnx.merge(graphdef, nnx.from_flat_state([(path, var.replace(value=value))
+                                                    for (path, var), value in zip(target, new)]))

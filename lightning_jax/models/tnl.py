@@ -47,6 +47,16 @@ class TNLCache:
     states: tuple[jax.Array, ...]
     position: jax.Array
 
+    def reset_rows(self, rows: jax.Array) -> "TNLCache":
+        """The cache with the rows where `rows` ([batch] bool) is True back at the start of a
+        sequence (zero states, position 0), e.g. where a new document begins. Differentiable: the
+        reset rows pass no gradient to the old states."""
+
+        def reset(state):  # [batch, ...] or [count, batch, ...]: the batch axis is 4th from the end
+            return jnp.where(rows[:, None, None, None], jnp.zeros((), state.dtype), state)
+
+        return TNLCache(tuple(reset(s) for s in self.states), jnp.where(rows, 0, self.position))
+
 
 class LRPE(nnx.Module):
     """Linearised relative positional encoding: x -> [x cos(t theta), x sin(t theta)].
@@ -107,9 +117,10 @@ class TokenMixer(nnx.Module):
 
     @jax.named_scope("token_mixer")
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
-                 time: str | None = "time"):
-        """x: [batch, time, D]; rates: [heads]; positions, pad_mask: [batch, time]; initial_state:
-        None (zeros) or fp32 [batch, heads, dim_k, dim_v]. `time`: the logical name of the time axis:
+                 time: str | None = "time", segment_ids=None):
+        """x: [batch, time, D]; rates: [heads]; positions, pad_mask, segment_ids (packed documents:
+        the state resets where the id changes): [batch, time]; initial_state: None (zeros) or fp32
+        [batch, heads, dim_k, dim_v], for each row's first document. `time`: the logical name of the time axis:
         "time" splits it over the mesh's context axis (if any), and each device runs the op on its
         slice with context_axis= (one all-gather of fp32 states per call); None keeps it whole.
 
@@ -119,15 +130,16 @@ class TokenMixer(nnx.Module):
         bthd, bhde = ("batch", time, "heads", None), ("batch", "heads", None, None)
         context_axis = context_axis_of(logical_to_spec(bthd, q.shape))
 
-        def attend(q, k, v, rates, initial_state):
+        def attend(q, k, v, rates, initial_state, segment_ids):
             return lightning_attention(
                 q, k, v, jax.lax.stop_gradient(rates), initial_state=initial_state, return_final_state=True,
                 block_size=c.block_size, implementation=c.attention_implementation, context_axis=context_axis,
+                segment_ids=segment_ids,
             )
 
         with jax.named_scope("attention"):
-            o, state = sharded_call(attend, (q, k, v, rates, initial_state),
-                                    (bthd, bthd, bthd, ("heads",), bhde), (bthd, bhde))
+            o, state = sharded_call(attend, (q, k, v, rates, initial_state, segment_ids),
+                                    (bthd, bthd, bthd, ("heads",), bhde, ("batch", time)), (bthd, bhde))
         return self._output(o, u), (state if return_state else None)
 
     @jax.named_scope("token_mixer")
@@ -152,9 +164,9 @@ class TNLBlock(nnx.Module):
         return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
 
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
-                 time: str | None = "time"):
-        h, state = self.mixer(self._norm(x), rates, positions, pad_mask,
-                              initial_state=initial_state, return_state=return_state, time=time)
+                 time: str | None = "time", segment_ids=None):
+        h, state = self.mixer(self._norm(x), rates, positions, pad_mask, initial_state=initial_state,
+                              return_state=return_state, time=time, segment_ids=segment_ids)
         x = x + h.astype(x.dtype)
         x = x + self.glu(self._norm(x)).astype(x.dtype)
         return constrain(x, ("batch", time, None)), state
@@ -169,7 +181,10 @@ class TNL(nnx.Module):
     """TransNormerLLM decoder.
 
     `model(tokens [batch, time] int32, pad_mask=None) -> logits [batch, time, vocab] float32`.
-    `pad_mask` [batch, time] bool (True at real tokens) supports left-padded batches. Token ids
+    `pad_mask` [batch, time] bool (True at real tokens) supports left-padded batches;
+    `segment_ids` [batch, time] int (non-decreasing along each row) keeps packed documents apart:
+    attention's state resets where the id changes and LRPE positions restart (each document gives
+    what it gives alone). Token ids
     outside [0, vocab_size) raise ArgumentError naming `tokens` when concrete; traced ids (under
     `jit`) are trusted (`layers.check_token_range`).
     """
@@ -206,18 +221,21 @@ class TNL(nnx.Module):
         return self._head(self._final_norm(x))
 
     @jax.named_scope("tnl")
-    def _run(self, tokens, pad_mask, return_states: bool, logits: bool = True):
+    def _run(self, tokens, pad_mask, return_states: bool, logits: bool = True, segment_ids=None):
         """-> (logits [batch, time, vocab] float32, or the normed hidden states [batch, time, D] if not
         `logits`; per-group final states (None unless return_states))."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
-        positions = layers.positions_from_mask(pad_mask, batch, time)
+        segment_ids = _check_segment_ids(segment_ids, tokens, pad_mask)
+        positions = (layers.positions_from_mask(pad_mask, batch, time) if segment_ids is None
+                     else layers.positions_in_documents(segment_ids))
         # Training and evaluation split time over the mesh's context axis (if any); prefill keeps it
         # whole. The embedding's output is split like the blocks'.
         time_axis = None if return_states else "time"
 
         def layer(block, x, rates):
-            return block(x, rates, positions, pad_mask, return_state=return_states, time=time_axis)
+            return block(x, rates, positions, pad_mask, return_state=return_states, time=time_axis,
+                         segment_ids=segment_ids)
 
         x = self._embed(tokens, time=time_axis)
         x, states = self.groups(layer, x, self._rates())
@@ -225,15 +243,17 @@ class TNL(nnx.Module):
 
     # Public API ------------------------------------------------------------------------------
 
-    def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens [batch, time] int -> logits [batch, time, vocab] float32."""
-        return self._run(tokens, pad_mask, return_states=False)[0]
+        return self._run(tokens, pad_mask, return_states=False, segment_ids=segment_ids)[0]
 
-    def hidden_states(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None) -> jax.Array:
+    def hidden_states(self, tokens: jax.Array, *, pad_mask: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens [batch, time] int -> the final normed hidden states [batch, time, D] in the compute
         dtype. The logits are `layers.head_logits(hidden, *self.logits_weight())`; the training loss
         computes them block by block from here (lightning_jax/training/loss.py)."""
-        return self._run(tokens, pad_mask, return_states=False, logits=False)[0]
+        return self._run(tokens, pad_mask, return_states=False, logits=False, segment_ids=segment_ids)[0]
 
     def empty_cache(self, batch: int) -> TNLCache:
         """The cache at the start of `batch` sequences: zero states, position 0."""
@@ -245,8 +265,8 @@ class TNL(nnx.Module):
 
         return TNLCache(states=self.groups.per_layer(zeros), position=jnp.zeros((batch,), jnp.int32))
 
-    def extend(self, tokens: jax.Array, cache: TNLCache, *,
-               pad_mask: jax.Array | None = None) -> tuple[jax.Array, TNLCache]:
+    def extend(self, tokens: jax.Array, cache: TNLCache, *, pad_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, TNLCache]:
         """Continues each row's sequence from `cache` with `tokens` [batch, time] int: the final
         normed hidden states [batch, time, D] in the compute dtype, and the cache after these tokens.
 
@@ -259,26 +279,36 @@ class TNL(nnx.Module):
         states of one `hidden_states` call over the whole sequence: each layer's state carries
         everything earlier tokens contribute, so memory follows the chunk, not the sequence
         (training/chunked.py trains this way). Differentiable in the parameters and in
-        `cache.states`. Time is split over the mesh's context axis (if any), as in training."""
-        return self._extend(tokens, cache, pad_mask, time_axis="time")
+        `cache.states`. Time is split over the mesh's context axis (if any), as in training.
+
+        `segment_ids` [batch, time] (packed documents, as in `__call__`): a row's first document
+        continues the cache's sequence, later ones start from zero. A document that starts at this
+        call's first token needs its row reset first (`cache.reset_rows`)."""
+        return self._extend(tokens, cache, pad_mask, time_axis="time", segment_ids=segment_ids)
 
     @jax.named_scope("tnl")
-    def _extend(self, tokens, cache, pad_mask, time_axis: str | None):
+    def _extend(self, tokens, cache, pad_mask, time_axis: str | None, segment_ids=None):
         """`extend`, the time axis named `time_axis` ("time": split over the context axis; None: whole)."""
         layers.check_tokens(tokens, pad_mask)
         batch, time = tokens.shape
         if cache.position.shape != (batch,):
             raise ArgumentError("cache.position", f"got shape {cache.position.shape}, expected [batch] = ({batch},)")
-        positions = cache.position[:, None] + layers.positions_from_mask(pad_mask, batch, time)
-        advance = time if pad_mask is None else jnp.sum(pad_mask.astype(jnp.int32), axis=1)
+        segment_ids = _check_segment_ids(segment_ids, tokens, pad_mask)
+        if segment_ids is not None:
+            positions = layers.positions_in_documents(segment_ids, cache.position)
+            position = positions[:, -1] + 1
+        else:
+            positions = cache.position[:, None] + layers.positions_from_mask(pad_mask, batch, time)
+            position = cache.position + (time if pad_mask is None else jnp.sum(pad_mask.astype(jnp.int32), axis=1))
 
         def layer(block, x, rates_and_state):
             rates, state = rates_and_state
-            return block(x, rates, positions, pad_mask, initial_state=state, return_state=True, time=time_axis)
+            return block(x, rates, positions, pad_mask, initial_state=state, return_state=True, time=time_axis,
+                         segment_ids=segment_ids)
 
         x = self._embed(tokens, time=time_axis)
         x, states = self.groups(layer, x, tuple(zip(self._rates(), cache.states, strict=True)))
-        return self._final_norm(x), TNLCache(states, cache.position + advance)
+        return self._final_norm(x), TNLCache(states, position)
 
     def logits_weight(self) -> tuple[jax.Array, int]:
         """(weight, vocab_axis) of the LM head: the embedding [vocab, D] (tied) or lm_head [D, vocab]."""
@@ -371,3 +401,17 @@ class TNL(nnx.Module):
     def layer_states(self, cache: TNLCache) -> list[jax.Array]:
         """The cache's states as one fp32 [batch, heads, dim_k, dim_v] array per layer."""
         return self.groups.unstack(cache.states)
+
+
+def _check_segment_ids(segment_ids, tokens, pad_mask):
+    """None, or `segment_ids` as int32 [batch, time] (tokens' shape) when there is no pad_mask."""
+    if segment_ids is None:
+        return None
+    if pad_mask is not None:
+        raise ArgumentError("segment_ids", "got segment_ids together with pad_mask, expected one of them: "
+                                           "left padding and packed documents do not mix")
+    if getattr(segment_ids, "shape", None) != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ArgumentError("segment_ids", f"got {getattr(segment_ids, 'shape', type(segment_ids).__name__)} "
+                                           f"{getattr(segment_ids, 'dtype', '')}, expected int [batch, time] = "
+                                           f"{tokens.shape} (tokens' shape)")
+    return jnp.asarray(segment_ids, jnp.int32)

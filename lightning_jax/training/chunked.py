@@ -24,6 +24,10 @@ Chunks are cut along the global time axis; with a context mesh axis each chunk i
 (the op's context parallelism, chunk by chunk), so `chunk_tokens` must be a multiple of the context
 size. A sequence whose length is not a multiple of `chunk_tokens` is padded at its end with tokens
 of weight 0: causal, so they change nothing before them.
+
+With packed documents (segment ids) a chunk's first document continues from the carried state,
+unless it starts at the chunk's first token: then that row's state and position are reset
+(`TNLCache.reset_rows`), inside the differentiated chunk, so no gradient crosses the boundary.
 """
 
 from __future__ import annotations
@@ -41,20 +45,30 @@ from lightning_jax.training import loss as loss_lib
 F32 = jnp.float32
 
 
-def _chunks(tokens: jax.Array, weights: jax.Array, chunk_tokens: int):
-    """tokens int [batch, seq_len + 1], weights [batch, seq_len] -> inputs, targets, weights
-    [n, batch, chunk_tokens] (padded at the end with weight 0) and the chunks' first positions [n]."""
+def _chunks(tokens: jax.Array, weights: jax.Array, segment_ids: jax.Array | None, chunk_tokens: int):
+    """tokens int [batch, seq_len + 1], weights [batch, seq_len], segment_ids None or like tokens ->
+    a tuple of per-chunk arrays for `lax.scan`: inputs, targets, weights [n, batch, chunk_tokens]
+    (padded at the end with weight 0), the position of each row's first token [n, batch], whether
+    a document starts there [n, batch] bool, and the inputs' segment ids [n, batch, chunk_tokens]
+    (None without them)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, time = inputs.shape
     n = -(-time // chunk_tokens)
     pad = n * chunk_tokens - time
 
-    def split(x):
-        x = jnp.pad(x, ((0, 0), (0, pad)))
+    def split(x, mode="constant"):
+        x = jnp.pad(x, ((0, 0), (0, pad)), mode=mode)
         return x.reshape(batch, n, chunk_tokens).swapaxes(0, 1)
 
-    starts = jnp.arange(n, dtype=jnp.int32) * chunk_tokens
-    return split(inputs), split(targets), split(weights.astype(F32)), starts
+    if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None] * chunk_tokens, (n, batch))
+        resets, segments = jnp.zeros((n, batch), bool), None
+    else:
+        documents = segment_ids[:, :-1]
+        positions = layers.positions_in_documents(documents)[:, ::chunk_tokens].T
+        resets = layers.document_starts(documents)[:, ::chunk_tokens].T
+        segments = split(documents, mode="edge")  # the padding stays in the last document
+    return split(inputs), split(targets), split(weights.astype(F32)), positions, resets, segments
 
 
 def _model(graphdef, params, rest) -> TNL:
@@ -66,11 +80,23 @@ def _model(graphdef, params, rest) -> TNL:
     return model
 
 
-def _chunk_loss(model: TNL, cache: TNLCache, inputs, targets, weights, loss_block_tokens: int):
+def _entering(states, position, reset) -> TNLCache:
+    """The cache a chunk starts from: the carried states at `position` [batch], rows where a
+    document starts (`reset` [batch] bool) back at zero."""
+    return TNLCache(states, position).reset_rows(reset)
+
+
+def _extend(model: TNL, cache: TNLCache, inputs, segments):
+    bt = ("batch", "time")
+    documents = {} if segments is None else {"segment_ids": constrain(segments, bt)}
+    return model.extend(constrain(inputs, bt), cache, **documents)
+
+
+def _chunk_loss(model: TNL, cache: TNLCache, inputs, targets, weights, segments, loss_block_tokens: int):
     """One chunk from `cache`: (sum of weight x cross-entropy, the cache after the chunk)."""
     bt = ("batch", "time")
-    inputs, targets, weights = constrain(inputs, bt), constrain(targets, bt), constrain(weights, bt)
-    hidden, cache = model.extend(inputs, cache)
+    targets, weights = constrain(targets, bt), constrain(weights, bt)
+    hidden, cache = _extend(model, cache, inputs, segments)
     if loss_block_tokens:
         total = loss_lib.cross_entropy_sum(hidden, *model.logits_weight(), targets, weights,
                                            block_tokens=loss_block_tokens)
@@ -86,65 +112,68 @@ def _loss_block(chunk_tokens: int, loss_block_tokens: int | None) -> int:
     return loss_block_tokens or 0
 
 
-def chunked_loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array, *, chunk_tokens: int,
+def chunked_loss_sums(graphdef, params, rest, tokens: jax.Array, weights: jax.Array,
+                      segment_ids: jax.Array | None = None, *, chunk_tokens: int,
                       loss_block_tokens: int | None) -> tuple[jax.Array, jax.Array]:
     """`step.loss_sums` a chunk at a time (evaluation: one forward sweep, loss included).
 
-    tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len]. Returns float32 scalars
-    (sum of loss x weight, sum of weight)."""
+    tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len] (cross-document targets
+    already at 0); segment_ids None or int32 like tokens. Returns float32 scalars (sum of loss x
+    weight, sum of weight)."""
     block = _loss_block(chunk_tokens, loss_block_tokens)
-    inputs, targets, chunk_weights, starts = _chunks(tokens, weights, chunk_tokens)
     model = _model(graphdef, params, rest)
 
     def step(carry, chunk):
-        cache, total = carry
-        x, y, w, _ = chunk
-        loss, cache = _chunk_loss(model, cache, x, y, w, block)
-        return (cache, total + loss), None
+        states, total = carry
+        x, y, w, position, reset, segments = chunk
+        loss, cache = _chunk_loss(model, _entering(states, position, reset), x, y, w, segments, block)
+        return (cache.states, total + loss), None
 
-    (_, total), _ = jax.lax.scan(step, (model.empty_cache(tokens.shape[0]), jnp.zeros((), F32)),
-                                 (inputs, targets, chunk_weights, starts))
+    (_, total), _ = jax.lax.scan(step, (model.empty_cache(tokens.shape[0]).states, jnp.zeros((), F32)),
+                                 _chunks(tokens, weights, segment_ids, chunk_tokens))
     return total, jnp.sum(weights.astype(F32))
 
 
-def chunked_loss_and_grad(graphdef, params, rest, tokens: jax.Array, weights: jax.Array, *, chunk_tokens: int,
+def chunked_loss_and_grad(graphdef, params, rest, tokens: jax.Array, weights: jax.Array,
+                          segment_ids: jax.Array | None = None, *, chunk_tokens: int,
                           loss_block_tokens: int | None) -> tuple[jax.Array, nnx.State]:
     """(mean weighted loss, its gradient for `params`) a chunk at a time (see the module docstring):
     the value and gradient of `step.loss_sums`' total / count, in a chunk's activation memory.
 
-    tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len]. Gradients have the
-    parameters' dtypes; they are accumulated in float32."""
+    tokens int32 [batch, seq_len + 1]; weights float32 [batch, seq_len] (cross-document targets
+    already at 0); segment_ids None or int32 like tokens. Gradients have the parameters' dtypes;
+    they are accumulated in float32."""
     block = _loss_block(chunk_tokens, loss_block_tokens)
-    inputs, targets, chunk_weights, starts = _chunks(tokens, weights, chunk_tokens)
-    batch = tokens.shape[0]
+    chunks = _chunks(tokens, weights, segment_ids, chunk_tokens)
     count = jnp.sum(weights.astype(F32))
 
-    # 1. Forward sweep: the cache entering each chunk.
-    def advance(cache, x):
-        _, after = _model(graphdef, params, rest).extend(constrain(x, ("batch", "time")), cache)
-        return after, cache.states
+    # 1. Forward sweep: the states entering each chunk.
+    def advance(states, chunk):
+        x, _, _, position, reset, segments = chunk
+        _, after = _extend(_model(graphdef, params, rest), _entering(states, position, reset), x, segments)
+        return after.states, states
 
-    start_cache = _model(graphdef, params, rest).empty_cache(batch)
-    _, entering = jax.lax.scan(advance, start_cache, inputs)
+    start_states = _model(graphdef, params, rest).empty_cache(tokens.shape[0]).states
+    _, entering = jax.lax.scan(advance, start_states, chunks)
 
     # 2. Backward sweep, last chunk first.
-    def chunk_fn(params, states, x, y, w, start):
-        model = _model(graphdef, params, rest)
-        cache = TNLCache(states, jnp.full((batch,), start, jnp.int32))
-        total, after = _chunk_loss(model, cache, x, y, w, block)
+    def chunk_fn(params, states, chunk):
+        x, y, w, position, reset, segments = chunk
+        total, after = _chunk_loss(_model(graphdef, params, rest), _entering(states, position, reset), x, y, w,
+                                   segments, block)
         return total, after.states
 
-    def back(carry, chunk):
+    def back(carry, chunk_and_states):
         d_after, grads, total = carry
-        x, y, w, start, states = chunk
-        (loss, _), pullback = jax.vjp(lambda p, s: chunk_fn(p, s, x, y, w, start), params, states)
+        chunk, states = chunk_and_states
+        (loss, _), pullback = jax.vjp(lambda p, s: chunk_fn(p, s, chunk), params, states)
         d_params, d_states = pullback((1.0 / count, d_after))
         grads = jax.tree.map(lambda g, d: g + d.astype(F32), grads, d_params)
         return (d_states, grads, total + loss), None
 
-    zeros_states = jax.tree.map(jnp.zeros_like, start_cache.states)
+    zeros_states = jax.tree.map(jnp.zeros_like, start_states)
     zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params)
     (_, grads, total), _ = jax.lax.scan(back, (zeros_states, zero_grads, jnp.zeros((), F32)),
-                                        (inputs, targets, chunk_weights, starts, entering), reverse=True)
+                                        (chunks, entering), reverse=True)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return total / count, grads

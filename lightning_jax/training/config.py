@@ -92,12 +92,15 @@ class ModelSpec(_Checked):
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Checked):
     """`corpus`: "shakespeare" (shipped) or a directory (see lightning_jax.training.data).
-    `batch_size` is global (all processes, all devices) in sequences of `seq_len` tokens per step."""
+    `batch_size` is global (all processes, all devices) in sequences of `seq_len` tokens per step.
+    `document_mask`: keep the documents packed into a row apart (TNL): attention does not cross
+    a document boundary, LRPE positions restart, and the loss skips the target across it."""
 
     corpus: str = "shakespeare"
     tokenizer: str = "byte"
     seq_len: int = 256
     batch_size: int = 16
+    document_mask: bool = False
 
     _path = "data"
 
@@ -106,6 +109,7 @@ class DataConfig(_Checked):
         check_str("tokenizer", self.tokenizer)
         self._int("seq_len", minimum=2)
         self._int("batch_size", minimum=1)
+        self._bool("document_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +290,16 @@ class TrainConfig(_Checked):
                 fail("data.seq_len", self.data.seq_len,
                      f"a multiple of mesh.context={self.mesh.context} (each sequence is split evenly over "
                      "the context devices)")
+
+        if self.data.document_mask:
+            if self.model.arch != "tnl":
+                fail("data.document_mask", True,
+                     f"False for model.arch={self.model.arch!r}: document masks are implemented for TNL's "
+                     "lightning attention only")
+            if self.mesh.context > 1:
+                fail("data.document_mask", True,
+                     f"False with mesh.context={self.mesh.context}: document masks do not yet work with "
+                     "context parallelism")
 
         if self.optim.time_chunk_tokens:
             if self.model.arch != "tnl":

@@ -18,10 +18,15 @@ functions below take either the config's string or a `Corpus`.
 Training batches: ``{"tokens": int32 [local_batch, seq_len + 1]}`` (inputs are ``[:, :-1]``, targets
 ``[:, 1:]``), from a grain pipeline that shards the documents per process, shuffles them (a fresh
 order each epoch), tokenizes, appends EOS and packs them end to end into rows. Its iterator state is
-small and goes into every checkpoint.
+small and goes into every checkpoint. With ``document_ids=True`` (``data.document_mask``) batches also
+hold ``"segment_ids": int32 [local_batch, seq_len + 1]``, the document of each token (non-decreasing
+along a row): for text corpora the packer's pieces (a document is shuffled as pieces of about
+`PIECE_CHARS` characters, so each piece is its own segment), for token streams the runs between EOS
+ids (`segment_ids_from_eos`).
 
 Validation batches: the held-out tokens cut into rows in order, identical on every process, with
 per-token weights that are 0 on padding, so sums over all batches are the exact validation loss.
+Their documents are the runs between EOS ids.
 """
 
 from __future__ import annotations
@@ -159,6 +164,15 @@ class Document:
     last: bool
 
 
+def segment_ids_from_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """int32 segment ids of the documents in rows of packed tokens [..., time]: the number of EOS
+    ids before each token, so an EOS belongs to the document it ends and the next token starts the
+    next one."""
+    is_eos = np.asarray(tokens) == eos_id
+    before = np.cumsum(is_eos, axis=-1, dtype=np.int32) - is_eos
+    return before.astype(np.int32)
+
+
 def split_into_pieces(text: str, piece_chars: int = PIECE_CHARS) -> list[Document]:
     """Cuts one document at paragraph breaks into pieces of about `piece_chars` characters."""
     pieces, current, size = [], [], 0
@@ -240,8 +254,14 @@ class Corpus:
         """The number of token ids the model must cover."""
         raise NotImplementedError
 
-    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
-        """An infinite grain IterDataset of ``{"tokens": int32 [length]}`` rows for this process."""
+    def eos_id(self, tokenizer: Tokenizer) -> int:
+        """The id that ends each document in this corpus's token streams."""
+        raise NotImplementedError
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int,
+                   document_ids: bool = False):
+        """An infinite grain IterDataset of ``{"tokens": int32 [length]}`` rows for this process, with
+        ``"segment_ids": int32 [length]`` when `document_ids`."""
         raise NotImplementedError
 
     def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
@@ -262,7 +282,11 @@ class TextCorpus(Corpus):
     def vocab_size(self, tokenizer: Tokenizer) -> int:
         return tokenizer.vocab_size
 
-    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
+    def eos_id(self, tokenizer: Tokenizer) -> int:
+        return tokenizer.eos_id
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int,
+                   document_ids: bool = False):
         import grain
 
         pieces = [p for text in self.documents("train") for p in split_into_pieces(text)]
@@ -278,8 +302,10 @@ class TextCorpus(Corpus):
         # shuffle before repeat: each epoch gets its own order and epochs do not mix.
         ds = ds.shuffle(seed).repeat().map(encode)
         packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": length})
-        # The packer adds segment ids and positions; the models do not take them (packing without
-        # document masks, as in GPT-style pretraining), so only the tokens go on.
+        # The packer numbers the pieces of each row (from 1) and their positions; with document
+        # masks the pieces' numbers go on as segment ids, else only the tokens (GPT-style packing).
+        if document_ids:
+            return packed.map(lambda row: {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"]})
         return packed.map(lambda row: {"tokens": row["tokens"]})
 
     def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
@@ -343,13 +369,25 @@ class TokenCorpus(Corpus):
     def vocab_size(self, tokenizer: Tokenizer) -> int:
         return self.stream("train")[1]["vocab_size"]
 
-    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int):
+    def eos_id(self, tokenizer: Tokenizer) -> int:
+        meta = self.stream("train")[1]
+        if not isinstance(meta.get("eos_id"), int):
+            raise DataError(f"config.data.document_mask: {self}/meta.json has no integer 'eos_id', needed to find "
+                            "the documents (train/prepare_corpus.py writes it)")
+        return meta["eos_id"]
+
+    def train_rows(self, tokenizer: Tokenizer, *, length: int, seed: int, process_index: int, process_count: int,
+                   document_ids: bool = False):
         import grain
 
         source = grain.MapDataset.source(_Windows(self.stream("train")[0], length))
         if len(source) < process_count:
             raise DataError(f"config.data.corpus: {self}/train.bin holds fewer than {process_count} rows of {length} tokens")
-        return source[process_index::process_count].shuffle(seed).repeat().to_iter_dataset()
+        rows = source[process_index::process_count].shuffle(seed).repeat()
+        if document_ids:
+            eos = self.eos_id(tokenizer)
+            rows = rows.map(lambda row: {**row, "segment_ids": segment_ids_from_eos(row["tokens"], eos)})
+        return rows.to_iter_dataset()
 
     def validation_stream(self, tokenizer: Tokenizer, max_tokens: int | None) -> np.ndarray:
         stream = self.stream("validation")[0]
@@ -449,14 +487,17 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    document_ids: bool = False,
 ):
-    """The grain dataset of training batches for this process: ``{"tokens": int32 [local_batch, seq_len + 1]}``.
+    """The grain dataset of training batches for this process: ``{"tokens": int32 [local_batch, seq_len + 1]}``,
+    plus ``"segment_ids"`` of the same shape when `document_ids` (see the module docstring).
 
     Infinite. Call ``iter()`` on it; the iterator's ``get_state()`` / ``set_state()`` (or
     ``grain.checkpoint.CheckpointSave``) capture the exact position.
     """
     rows = open_corpus(corpus).train_rows(
-        tokenizer, length=seq_len + 1, seed=seed, process_index=process_index, process_count=process_count
+        tokenizer, length=seq_len + 1, seed=seed, process_index=process_index, process_count=process_count,
+        document_ids=document_ids,
     )
     return rows.batch(local_batch_size, drop_remainder=True)
 
@@ -488,13 +529,14 @@ def validation_rows(corpus: str | Corpus, tokenizer: Tokenizer, *, seq_len: int,
     return tokens, weights
 
 
-def validation_batches(tokens: np.ndarray, weights: np.ndarray, global_batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Global batches of validation rows; the last is padded with zero-weight rows to full size."""
-    rows = tokens.shape[0]
+def validation_batches(global_batch_size: int, *arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Global batches of validation rows of each of `arrays` (tokens, weights, segment ids: the
+    same number of rows); the last is padded with zero rows (weight 0) to full size."""
+    rows = arrays[0].shape[0]
     for start in range(0, rows, global_batch_size):
-        t, w = tokens[start : start + global_batch_size], weights[start : start + global_batch_size]
-        pad = global_batch_size - t.shape[0]
-        if pad:
-            t = np.concatenate([t, np.zeros((pad, t.shape[1]), t.dtype)])
-            w = np.concatenate([w, np.zeros((pad, w.shape[1]), w.dtype)])
-        yield t, w
+        batch = []
+        for a in arrays:
+            a = a[start : start + global_batch_size]
+            pad = global_batch_size - a.shape[0]
+            batch.append(np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a)
+        yield tuple(batch)

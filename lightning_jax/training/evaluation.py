@@ -71,6 +71,9 @@ class Evaluator:
             fail("config.eval.batch_size", self.batch_size,
                  f"a multiple of the {jax.device_count()} devices for eval.pmap", kind=ConfigError)
         self.tokens, self.weights = eval_rows(cfg, run.tokenizer)
+        # Documents are the runs between EOS ids (data.segment_ids_from_eos); None: not kept apart.
+        self.segment_ids = (data_lib.segment_ids_from_eos(self.tokens, data_lib.open_corpus(cfg.data.corpus).eos_id(
+            run.tokenizer)) if cfg.data.document_mask else None)
         loss = dict(loss_block_tokens=cfg.optim.loss_block_tokens, time_chunk_tokens=cfg.optim.time_chunk_tokens)
         self._jit = step_lib.make_eval_sums(run.graphdef, **loss)
         self._pmap = step_lib.make_pmap_eval_sums(run.graphdef, **loss) if self.pmap else None
@@ -80,22 +83,16 @@ class Evaluator:
         if self.pmap:
             params, rest = self._local_replicas(state)
             devices = jax.local_device_count()
-        for tokens, weights in data_lib.validation_batches(self.tokens, self.weights, self.batch_size):
-            tokens, weights = local_rows(tokens), local_rows(weights)
+        rows = (self.tokens, self.weights) + (() if self.segment_ids is None else (self.segment_ids,))
+        for batch in data_lib.validation_batches(self.batch_size, *rows):
+            local = [local_rows(a) for a in batch]  # tokens, weights[, segment ids]
             if self.pmap:
-                s, n = self._pmap(
-                    params, rest,
-                    tokens.reshape(devices, -1, tokens.shape[-1]),
-                    weights.reshape(devices, -1, weights.shape[-1]),
-                )
+                s, n = self._pmap(params, rest, *(a.reshape(devices, -1, a.shape[-1]) for a in local))
                 s, n = s[0], n[0]
             else:
                 with jax.set_mesh(self.run.mesh):
-                    s, n = self._jit(
-                        state["params"], state["rest"],
-                        global_batch(self.run, tokens, self.batch_size),
-                        global_batch(self.run, weights, self.batch_size),
-                    )
+                    s, n = self._jit(state["params"], state["rest"],
+                                     *(global_batch(self.run, a, self.batch_size) for a in local))
             total += float(s)
             count += float(n)
         loss = total / count

@@ -159,6 +159,7 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
     dataset = data_lib.train_dataset(
         cfg.data.corpus, run.tokenizer, seq_len=cfg.data.seq_len, local_batch_size=local_batch,
         seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        document_ids=cfg.data.document_mask,
     )
     data_iterator = iter(dataset)
 
@@ -203,9 +204,10 @@ def train_and_evaluate(config, workdir: str | None = None, *, tokenizer=None) ->
     interval_start, interval_steps, excluded = time.perf_counter(), 0, 0.0
     with _StopSignal() as stop, progress, ckpt.one_line_orbax_errors(), _close_on_error(manager):
         while step < cfg.steps:
-            local = next(data_iterator)["tokens"]
+            local = next(data_iterator)
             with jax.set_mesh(run.mesh):
-                state, step_metrics = train_step(state, global_batch(run, local, cfg.data.batch_size))
+                batch = {k: global_batch(run, v, cfg.data.batch_size) for k, v in local.items()}
+                state, step_metrics = train_step(state, batch["tokens"], batch.get("segment_ids"))
             step += 1
             interval_steps += 1
             progress.update(1)
