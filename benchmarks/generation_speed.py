@@ -31,7 +31,9 @@ whole bf16 KV cache read, as masked attention does) over `--hbm-tbps`.
 Default cells: {tnl, transformer} x prompts {1024, 32768, 131072} x batch {1, 64}, parameters bf16
 and layers scanned, plus `--variants` (default: TNL, batch 1, shortest prompt, with fp32 parameters,
 which every step casts to bf16, and with unscanned layers). Labels read model:params=..:scan=..
-(:attn=.. for the Transformer). One JSON line per cell, a markdown table last; the rows also go to
+(:attn=.. for the Transformer). `scan` is the layout the model is built in: sampling converts a
+scanned model to one layer at a time first (`generation.decoding_model`), and so does this
+benchmark, so both layouts time the same program. One JSON line per cell, a markdown table last; the rows also go to
 $OUT/generation_speed.json when OUT is set.
 """
 
@@ -141,7 +143,8 @@ def run_cell(cell: dict, model_obj, args) -> dict:
     try:
         tokens_j, pad_mask, temperature, top_p = generation._check_arguments(
             model_obj, tokens, n2, 0.0, None, None, 0, None, chunk)
-        graphdef, state = nnx.split(model_obj)
+        # What `generate` runs: a scanned model is converted to one layer at a time first.
+        graphdef, state = nnx.split(generation.decoding_model(model_obj))
         dynamic = (tokens_j, pad_mask, jax.random.key(0), temperature, top_p)
         compile_s = 0.0
         for n in (n2, n1):  # the larger program first: if it does not fit, the cell stops there

@@ -144,7 +144,7 @@ def main() -> int:
     for run in runs:
         print(json.dumps(run), flush=True)
     one, two = (run["losses"] for run in runs)
-    print(f"| step | one process, 2 devices | two processes, 1 device each | difference |\n| --- | --- | --- | --- |")
+    print("| step | one process, 2 devices | two processes, 1 device each | difference |\n| --- | --- | --- | --- |")
     for step, (a, b) in enumerate(zip(one, two), start=1):
         print(f"| {step} | {a:.6f} | {b:.6f} | {abs(a - b):.2e} |")
     worst = max(abs(a - b) for a, b in zip(one, two))

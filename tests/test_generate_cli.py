@@ -287,3 +287,24 @@ def test_a_saved_config_is_fitted_to_this_machine(tmp_path):
     assert (fitted.mesh.data, fitted.mesh.fsdp, fitted.data.batch_size, fitted.eval.batch_size) == (-1, 1, 8, 0)
     assert fitted.data.corpus == "shakespeare" and fitted.model == saved.model
     assert cli._fit_to_devices(demo_config(tmp_path)) == demo_config(tmp_path)  # fits: unchanged
+
+
+def test_cli_decodes_a_scanned_model_unscanned(monkeypatch):
+    """A model with scanned layers (as a scan_layers=True run loads) is converted once after loading
+    (the scanned copy not kept for sampling); the tokens are those of generate on the scanned model."""
+    from lightning_jax.models.stack import is_stacked
+
+    tok = data.ByteTokenizer()
+    model = TNL(TNLConfig.tiny(num_layers=4, lrpe_layers=(0,), scan_layers=True, init_std=0.2), rngs=nnx.Rngs(0))
+    assert is_stacked(model)
+    monkeypatch.setattr(cli, "load", lambda args, config_args: (model, tok))
+    sampled = []
+    sample = cli.sample
+    monkeypatch.setattr(cli, "sample", lambda m, *a, **k: sampled.append(m) or sample(m, *a, **k))
+    prompt = "ROMEO.\n"
+    status, out, err = run_cli("--workdir", "unused", "--prompt", prompt, "--max-new-tokens", 8,
+                               "--temperature", 0, "--ignore-eos")
+    assert status == 0, err
+    assert len(sampled) == 1 and not is_stacked(sampled[0]) and sampled[0].config.scan_layers is False
+    expected = lj.generate(model, jnp.asarray(tok.encode(prompt))[None], 8, temperature=0.0, rng=jax.random.key(0))
+    assert out == prompt + tok.decode(np.asarray(expected[0])) + "\n"

@@ -80,3 +80,51 @@ def test_bad_arguments_name_the_argument(kwargs, field):
     args = dict(max_new_tokens=2, rng=jax.random.key(0)) | kwargs
     with pytest.raises(ValueError, match=field):
         lightning_jax.generate(model, jnp.ones((1, 3), jnp.int32), **args)
+
+
+# A scanned model decodes through its unscanned copy (generation.decoding_model): same tokens.
+SCANNED = [
+    (TNL, TNLConfig.tiny(num_layers=4, lrpe_layers=(0,), scan_layers=True, init_std=0.2, block_size=4)),
+    (Transformer, TransformerConfig.tiny(scan_layers=True, init_std=0.2)),
+]
+
+
+def _generate_scanned(model, batch, new, **kwargs):
+    """What `generate` did before decoding_model: decode through the scanned layers themselves."""
+    from lightning_jax import generation
+
+    tokens, pad_mask, temperature, top_p = generation._check_arguments(
+        model, batch, new, kwargs["temperature"], kwargs.get("top_k"), kwargs.get("top_p"), PAD, None, None)
+    return generation._generate(*nnx.split(model), tokens, pad_mask, kwargs["rng"], temperature, top_p,
+                                max_new_tokens=new, top_k=kwargs.get("top_k"), prefill_chunk=None)
+
+
+@pytest.mark.parametrize("model_cls, config", SCANNED, ids=["tnl", "transformer"])
+def test_scanned_models_decode_unscanned_with_the_same_tokens(model_cls, config):
+    from lightning_jax.generation import Sampler, decoding_model
+    from lightning_jax.models.stack import is_stacked
+
+    model = model_cls(config, rngs=nnx.Rngs(0))
+    assert is_stacked(model)
+    plain = decoding_model(model)
+    assert not is_stacked(plain) and plain.config.scan_layers is False and decoding_model(plain) is plain
+    _, batch = left_padded_prompts()
+    for kwargs in (dict(temperature=0.0, rng=jax.random.key(0)), dict(temperature=1.0, top_k=5, rng=jax.random.key(3))):
+        expected = np.asarray(_generate_scanned(model, batch, 6, **kwargs))
+        np.testing.assert_array_equal(np.asarray(lightning_jax.generate(model, batch, 6, pad_id=PAD, **kwargs)),
+                                      expected)
+        np.testing.assert_array_equal(np.asarray(lightning_jax.generate(plain, batch, 6, pad_id=PAD, **kwargs)),
+                                      expected)
+        sampler = Sampler(model, batch, 6, pad_id=PAD, **kwargs)
+        assert not is_stacked(nnx.merge(sampler._graphdef, sampler._state))
+        np.testing.assert_array_equal(np.stack([np.asarray(t) for t in sampler], axis=1), expected)
+    assert is_stacked(model)  # the caller's model is left as it was
+
+
+def test_scanned_model_generates_inside_an_outer_jit():
+    model_cls, config = SCANNED[0]
+    model = model_cls(config, rngs=nnx.Rngs(0))
+    _, batch = left_padded_prompts()
+    kwargs = dict(temperature=0.0, rng=jax.random.key(0))
+    inside = nnx.jit(lambda m, t: lightning_jax.generate(m, t, 4, pad_id=PAD, **kwargs))(model, batch)
+    np.testing.assert_array_equal(np.asarray(inside), np.asarray(_generate_scanned(model, batch, 4, **kwargs)))

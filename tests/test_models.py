@@ -511,3 +511,69 @@ def test_layer_stack_carries_per_layer_values_through_groups():
     assert [float(v[0]) for v in stack.unstack(outputs)] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="inputs: got 1 per-group values"):
         stack(lambda m, x, v: (x, None), jnp.zeros((2,)), per_group[:1])
+
+
+# ----------------------------------------------------------------------------------------------
+# relayout: the same model with scanned layer groups or one group per layer.
+
+
+def _flat(model):
+    return [(tuple(path), var) for path, var in nnx.to_flat_state(nnx.state(model))]
+
+
+@pytest.mark.parametrize("config", [
+    dataclasses.replace(TNL_TEST, num_layers=4, scan_layers=True),  # groups (0, 1), (1, 3)
+    dataclasses.replace(TNL_TEST, num_layers=5, lrpe_layers=(0, 3), scan_layers=True, tie_embeddings=False),
+    dataclasses.replace(TRANSFORMER_TEST, scan_layers=True),  # one group of 3
+], ids=["tnl", "tnl-lrpe-0-3-untied", "transformer"])
+def test_relayout_unstacks_and_restacks_the_same_model(config):
+    from lightning_jax.models import relayout
+    from lightning_jax.models.stack import is_stacked
+
+    scanned = build(config)
+    before = [(path, np.asarray(var[...])) for path, var in _flat(scanned)]
+    plain = relayout(scanned, scan=False)
+    assert plain.config == dataclasses.replace(config, scan_layers=False) and not is_stacked(plain)
+    assert plain.groups_layout == tuple((layer, 1) for layer in range(config.num_layers))
+    # Paths, shapes and Variable metadata (no "layers" axis) are those of a model built unscanned.
+    built = nnx.eval_shape(lambda: build(dataclasses.replace(config, scan_layers=False)))
+    for (path, var), (built_path, built_var) in zip(_flat(plain), _flat(built), strict=True):
+        assert path == built_path and var.shape == built_var.shape and type(var) is type(built_var)
+        assert var.get_metadata() == built_var.get_metadata()
+    # Layer l of the unscanned model is slice l - first of its scanned group.
+    for first, count in scanned.groups_layout:
+        for layer in range(first, first + count):
+            got = nnx.to_pure_dict(nnx.state(plain.groups[layer]))
+            want = nnx.to_pure_dict(nnx.state(scanned.groups[scanned.groups_layout.index((first, count))]))
+            if count > 1:
+                want = jax.tree.map(lambda x, i=layer - first: x[i], want)
+            jax.tree.map(np.testing.assert_array_equal, got, want)
+
+    tokens = random_tokens(2, 13)
+    expected = forward(scanned, tokens)
+    assert_close(forward(plain, tokens), expected, rtol=1e-5)
+    # Back to the scanned layout: bit for bit the original state; the original is untouched.
+    again = relayout(plain, scan=True)
+    assert again.groups_layout == scanned.groups_layout and relayout(scanned, scan=True) is scanned
+    for (path, var), (before_path, value) in zip(_flat(again), before, strict=True):
+        assert path == before_path
+        np.testing.assert_array_equal(np.asarray(var[...]), value)
+    for (path, var), (_, value) in zip(_flat(scanned), before, strict=True):
+        np.testing.assert_array_equal(np.asarray(var[...]), value)
+    assert [v.get_metadata() for _, v in _flat(again)] == [v.get_metadata() for _, v in _flat(scanned)]
+
+
+def test_relayout_keeps_shardings():
+    from lightning_jax.models import relayout
+
+    config = dataclasses.replace(TNL_TEST, num_layers=4, scan_layers=True)
+    mesh = make_mesh(2, 2, 2)  # data x fsdp x tensor
+    scanned = create_sharded_model(lambda: build(config), mesh)
+    plain = relayout(scanned, scan=False)
+    built = create_sharded_model(lambda: build(dataclasses.replace(config, scan_layers=False)), mesh)
+    for (path, var), (_, built_var) in zip(_flat(plain), _flat(built), strict=True):
+        assert var[...].sharding == built_var[...].sharding, path
+    again = relayout(plain, scan=True)
+    for (path, var), (_, scanned_var) in zip(_flat(again), _flat(scanned), strict=True):
+        assert var[...].sharding == scanned_var[...].sharding, path
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(scanned_var[...]))

@@ -22,6 +22,9 @@ batch, left-padded to the longest. One prompt streams its text as it is generate
 each row when done. Generation stops at `--max-new-tokens` or when every row has produced the
 tokenizer's EOS (`--ignore-eos` to go on). Sampling: `--temperature` (0: greedy), `--top-k`,
 `--top-p`, `--seed`; the tokens are those `lightning_jax.generate` returns for the same arguments.
+A model trained with scanned layers (`scan_layers=True`, its checkpoints in that layout) is
+converted once after loading to one layer group per layer (`lightning_jax.generation.decoding_model`),
+which decodes about twice as fast at large batches; the tokens are the same.
 Prompts may be longer than the training context: TNL's state does not grow, and `--prefill-chunk`
 (default 32768 for TNL) runs a long prompt through the model a chunk at a time, so prefill memory
 follows the chunk. Prefill and decode tokens/s go to stderr at the end.
@@ -354,6 +357,10 @@ def main(argv: list[str] | None = None, *, out=sys.stdout, err=sys.stderr) -> in
         check_arguments(args)
         prompts = read_prompts(args)
         model, tokenizer = load(args, config_args)
+        from lightning_jax.generation import decoding_model
+
+        # Convert here (not in Sampler), so that the scanned weights are freed before sampling.
+        model = decoding_model(model)
         sample(model, tokenizer, prompts, args, out=out, err=err)
     except (UsageError, ArgumentError, DataError) as e:
         err.write(f"error: {_one_line(e)}\n")

@@ -1,6 +1,7 @@
 """Models: TransNormerLLM (`TNL`) and the LLaMA-style `Transformer` baseline, with configs and
 sharding helpers, the registry of the two families by name (`registry`), and published
-TransNormerLLM checkpoints in and out (`load_hf_tnl`, `save_hf_tnl`: models/hf_tnl.py)."""
+TransNormerLLM checkpoints in and out (`load_hf_tnl`, `save_hf_tnl`: models/hf_tnl.py); `relayout`
+converts a model between scanned and per-layer layer groups (models/stack.py)."""
 
 from lightning_jax.models.config import TNLConfig, TransformerConfig
 from lightning_jax.models.hf_tnl import load_hf_tnl, save_hf_tnl
@@ -11,6 +12,7 @@ from lightning_jax.models.sharding import (
     create_sharded_model,
     make_mesh,
 )
+from lightning_jax.models.stack import relayout
 from lightning_jax.models.tnl import TNL, TNLCache
 from lightning_jax.models.transformer import Transformer, TransformerCache
 
@@ -30,5 +32,6 @@ __all__ = [
     "load_hf_tnl",
     "make_mesh",
     "model_class",
+    "relayout",
     "save_hf_tnl",
 ]

@@ -124,8 +124,9 @@ class LayerStack(nnx.List):
         """kind(layer): layers of equal kind have the same structure and may share a scanned group
         (default: all layers alike). scan: stack and scan such groups. remat: config.REMAT_POLICIES."""
         layout = layer_groups(num_layers, kind or (lambda layer: 0), scan)
-        # Groups are created in layer order, so a given Rngs seed gives the same parameters as
-        # building the layers one by one.
+        # Groups are created in layer order. A scanned group draws its layers' parameters in one
+        # vmapped call, so the same seed gives other values than unscanned layers (`relayout`
+        # converts a model's parameters between the two layouts).
         super().__init__(create_group(factory, first, count, rngs) for first, count in layout)
         self.layout = layout
         self.num_layers = num_layers
