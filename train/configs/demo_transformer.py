@@ -1,5 +1,6 @@
 """The demo's Transformer: the LLaMA-style baseline with the demo TNL's sizes and parameter count,
-trained exactly as train/configs/demo.py (same data, order, steps and optimizer).
+trained as train/configs/demo.py (same data, order, steps and optimizer) except for the learning rate:
+3e-3, its best of 1.5e-3, 3e-3 and 6e-3 (TNL's is 6e-3; docs/comparison.md).
 
     python train/main.py --config train/configs/demo_transformer.py
 
@@ -27,4 +28,5 @@ def get_config() -> ConfigDict:
         arch="transformer", preset="tiny", vocab_size=257, num_layers=3, hidden_dim=64, num_heads=4,
         mlp_dim=placeholder(int), dtype="float32", param_dtype="float32", scan_layers=False, remat="none",
     ))
+    config.optim.lr = 3e-3
     return config
