@@ -173,19 +173,26 @@ def test_segment_ids_from_eos():
 
 
 def test_text_corpus_rows_number_their_pieces():
-    dataset = data.train_dataset("shakespeare", data.ByteTokenizer(), seq_len=2047, local_batch_size=4, seed=0,
-                                 document_ids=True)
+    tok = data.ByteTokenizer()
+    dataset = data.train_dataset("shakespeare", tok, seq_len=16383, local_batch_size=2, seed=0, document_ids=True)
     batch = next(iter(dataset))
     tokens, ids = batch["tokens"], batch["segment_ids"]
-    assert ids.shape == tokens.shape == (4, 2048) and ids.dtype == np.int32
-    assert (np.diff(ids, axis=1) >= 0).all() and (np.diff(ids, axis=1) > 0).any()
-    # Pieces are about PIECE_CHARS bytes: no segment inside a row is much longer.
-    for row in ids:
-        _, inner = np.unique(row, return_counts=True)
-        assert inner[1:-1].max(initial=0) < 3 * data.PIECE_CHARS
-    # An EOS (a document's last piece) is always its segment's last token in the row.
-    eos_at = np.argwhere(tokens[:, :-1] == data.ByteTokenizer.eos_id)
-    assert all(ids[r, c + 1] != ids[r, c] for r, c in eos_at)
+    assert ids.shape == tokens.shape == (2, 16384) and ids.dtype == np.int32
+    assert (np.diff(ids, axis=1) >= 0).all()
+    # Every segment that lies wholly inside a row is exactly one shuffled piece of a training
+    # document (with EOS after a document's last piece): the ids change at piece boundaries only.
+    pieces = set()
+    for text in data.documents("shakespeare", "train"):
+        for piece in data.split_into_pieces(text):
+            ids_ = tok.encode(piece.text).tolist() + ([tok.eos_id] if piece.last else [])
+            pieces.add(tuple(ids_))
+    inner = 0
+    for row_tokens, row_ids in zip(tokens, ids):
+        values = np.unique(row_ids)
+        for value in values[1:-1]:
+            assert tuple(row_tokens[row_ids == value].tolist()) in pieces
+            inner += 1
+    assert inner >= 2
 
 
 def test_token_corpus_rows_split_at_eos(tmp_path):
