@@ -298,9 +298,44 @@ def abstract_param_count(config):
 @pytest.mark.parametrize("config", [
     TNLConfig.tiny(), TNLConfig.tiny(tie_embeddings=False, lrpe_layers=(0, 2)), TNLConfig.tnl_385m(),
     TNLConfig.tnl_15b(), TransformerConfig.tiny(), TransformerConfig.transformer_385m(),
-], ids=["tnl-tiny", "tnl-tiny-untied", "tnl-385m", "tnl-15b", "transformer-tiny", "transformer-385m"])
+    TNLConfig.tiny(output_gate=False),
+], ids=["tnl-tiny", "tnl-tiny-untied", "tnl-385m", "tnl-15b", "transformer-tiny", "transformer-385m",
+        "tnl-tiny-no-gate"])
 def test_num_params_counts_the_built_model(config):
     assert config.num_params() == abstract_param_count(config)
+
+
+def test_without_the_output_gate_the_mixer_output_is_not_multiplied_by_u(tmp_path):
+    from lightning_jax.attention import lightning_attention
+    from lightning_jax.models import layers, save_hf_tnl
+    from lightning_jax.models.hf_tnl import CheckpointFormatError
+
+    gated_config = TNLConfig.tiny(init_std=0.2)
+    gated = TNL(gated_config, rngs=nnx.Rngs(0))
+    plain = TNL(dataclasses.replace(gated_config, output_gate=False), rngs=nnx.Rngs(0))
+    assert gated_config.num_params() - plain.config.num_params() == 3 * 64 * 64  # one D x A projection per layer
+    # The same weights without u: q, k, v slices of the gated model's fused projection.
+    for g_block, p_block in zip(gated.groups, plain.groups):
+        p_block.mixer.qkvu[...] = g_block.mixer.qkvu[...][:, :3]
+        p_block.mixer.out[...] = g_block.mixer.out[...]
+        p_block.glu = g_block.glu
+    plain.embed[...] = gated.embed[...]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 24, 64)), jnp.float32)
+    rates = gated_config.rates(1)
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    g_mixer, p_mixer = gated.groups[1].mixer, plain.groups[1].mixer
+    q, k, v, u = g_mixer._project(x, positions, None)
+    normed = layers.srms_norm(lightning_attention(q, k, v, rates, implementation="reference"), gated_config.norm_eps,
+                              axes=(-2, -1))
+    w_out = g_mixer.out[...]
+    np.testing.assert_allclose(p_mixer(x, rates, positions)[0], jnp.einsum("bthk,hkd->btd", normed, w_out),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g_mixer(x, rates, positions)[0], jnp.einsum("bthk,hkd->btd", u * normed, w_out),
+                               rtol=1e-4, atol=1e-4)
+    assert np.isfinite(plain(tokens)).all()
+    with pytest.raises(CheckpointFormatError, match=r"output_gate: got False, expected True"):
+        save_hf_tnl(plain, str(tmp_path / "hf"))
 
 
 @pytest.mark.parametrize("tnl, transformer", [

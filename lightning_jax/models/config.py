@@ -89,6 +89,8 @@ class TNLConfig(_CommonConfig):
     get LRPE (doubling their head dim); the released models use layer 0 only. `decay` names the
     per-layer rate schedule (lightning_jax.SCHEDULES); rates are fixed, not trained.
     `attention_activation` is applied to q and k (one of ATTENTION_ACTIVATIONS; "none": identity).
+    `output_gate`: the mixer multiplies its normed output by the gate u (as published); False drops
+    u and its projection (the paper's "without gate" ablation: D x heads x head_dim fewer per layer).
     `attention_implementation` / `block_size` are passed to `lightning_attention` (None: its default).
     """
 
@@ -96,6 +98,7 @@ class TNLConfig(_CommonConfig):
     lrpe_layers: tuple[int, ...] = (0,)
     decay: str = "tnl"
     attention_activation: str = "silu"
+    output_gate: bool = True
     attention_implementation: str | None = None
     block_size: int | None = None
 
@@ -110,6 +113,7 @@ class TNLConfig(_CommonConfig):
             fail("lrpe_layers", self.lrpe_layers, "no repeated layer")
         check_choice("decay", self.decay, tuple(SCHEDULES))
         check_choice("attention_activation", self.attention_activation, ATTENTION_ACTIVATIONS)
+        check_bool("output_gate", self.output_gate)
         check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
         check_power_of_two("block_size", self.block_size, allow_none=True)
 
@@ -154,8 +158,13 @@ class TNLConfig(_CommonConfig):
         """Decay rates of layer `layer`: float32 numpy [num_heads], a constant (never trained)."""
         return SCHEDULES[self.decay](self.num_heads, layer, self.num_layers)
 
+    @property
+    def mixer_projections(self) -> int:
+        """The token mixer's input projections: q, k, v and the gate u (3 without `output_gate`)."""
+        return 4 if self.output_gate else 3
+
     def _layer_matmul_params(self) -> int:
-        mixer = self.hidden_dim * 4 * self.attention_dim + self.attention_dim * self.hidden_dim
+        mixer = self.hidden_dim * self.mixer_projections * self.attention_dim + self.attention_dim * self.hidden_dim
         glu = 3 * self.hidden_dim * self.glu_dim
         return mixer + glu
 

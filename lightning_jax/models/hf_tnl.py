@@ -84,7 +84,7 @@ OFFICIAL_DECAY = "tnl"
 # attention_implementation, block_size, init_std) are free choices of the run.
 ARCHITECTURE_FIELDS = (
     "vocab_size", "num_layers", "hidden_dim", "num_heads", "head_dim", "glu_dim", "lrpe_layers",
-    "attention_activation", "scale_embedding", "tie_embeddings", "decay", "norm_eps",
+    "attention_activation", "scale_embedding", "tie_embeddings", "decay", "norm_eps", "output_gate",
 )
 # Saved shards hold at most this many bytes (a larger tensor gets a shard of its own): the host
 # holds one shard at a time while saving.
@@ -182,6 +182,7 @@ def tnl_config_from_hf(hf: Mapping[str, Any], base: TNLConfig | None = None, *, 
         "head_dim": head_dim, "glu_dim": int(glu), "lrpe_layers": lrpe_layers,
         "attention_activation": ACTIVATIONS[activation], "scale_embedding": not flag("no_scale_embedding"),
         "tie_embeddings": flag("tie_word_embeddings"), "decay": OFFICIAL_DECAY, "norm_eps": OFFICIAL_NORM_EPS,
+        "output_gate": True,
     }
     if base is None:
         init_std = get("init_std")
@@ -197,6 +198,8 @@ def hf_config_from_tnl(config: TNLConfig, *, dtype=None) -> dict[str, Any]:
     the parameter dtype), recorded as torch_dtype. Errors name the TNLConfig field the official
     model cannot express."""
     c = check_instance("config", config, TNLConfig)
+    if not c.output_gate:
+        _fail("output_gate", "got False, expected True (the official token mixer always has the gate)")
     if c.decay != OFFICIAL_DECAY:
         _fail("decay", f"got {c.decay!r}, expected {OFFICIAL_DECAY!r} (the official model's only schedule)")
     if c.norm_eps != OFFICIAL_NORM_EPS:

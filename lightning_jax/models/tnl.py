@@ -85,13 +85,14 @@ class TokenMixer(nnx.Module):
     """Gated linear attention ("NormLinearAttention"): fused q/k/v/u projection, silu on q and k
     (`config.attention_activation`: silu, relu or none), optional LRPE, lightning attention with
     this layer's fixed rates (no 1/sqrt(d) scale), SRMSNorm over the whole heads x head_dim, gate u
-    (no sigmoid), output projection."""
+    (no sigmoid; left out with `config.output_gate=False`), output projection."""
 
     def __init__(self, config: TNLConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.qkvu = layers.param(rngs, (c.hidden_dim, 4, c.num_heads, c.head_dim), ("embed", None, "heads", None),
-                                 c.param_dtype, c.init_std)
+        # q, k, v and the gate u in one [D, 4, heads, head_dim] weight (q, k, v only without the gate).
+        self.qkvu = layers.param(rngs, (c.hidden_dim, c.mixer_projections, c.num_heads, c.head_dim),
+                                 ("embed", None, "heads", None), c.param_dtype, c.init_std)
         self.out = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_dim), ("heads", None, "embed"),
                                 c.param_dtype, c.init_std)
         self.lrpe = (LRPE(c.num_heads, c.head_dim, param_dtype=c.param_dtype, rngs=rngs)
@@ -99,7 +100,8 @@ class TokenMixer(nnx.Module):
 
     def _project(self, x, positions, pad_mask):
         dtype = jnp.dtype(self.config.dtype)
-        q, k, v, u = jnp.einsum("btd,dfhk->fbthk", x.astype(dtype), self.qkvu[...].astype(dtype))
+        q, k, v, *u = jnp.einsum("btd,dfhk->fbthk", x.astype(dtype), self.qkvu[...].astype(dtype))
+        u = u[0] if u else None  # None: no output gate
         activation = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}[self.config.attention_activation]
         if activation is not None:
             q, k = activation(q), activation(k)
@@ -113,7 +115,7 @@ class TokenMixer(nnx.Module):
     def _output(self, o, u):
         dtype = jnp.dtype(self.config.dtype)
         o = layers.srms_norm(o, self.config.norm_eps, axes=(-2, -1)).astype(dtype)
-        return jnp.einsum("bthk,hkd->btd", u * o, self.out[...].astype(dtype))
+        return jnp.einsum("bthk,hkd->btd", o if u is None else u * o, self.out[...].astype(dtype))
 
     @jax.named_scope("token_mixer")
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
