@@ -149,6 +149,52 @@ def test_every_implementation(implementation):
     assert rel_err(o, o_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
 
 
+def segment_ids_of(time, starts_per_row):
+    """[rows, time] int32 ids that change at each listed start (ids jump by varying amounts)."""
+    ids = np.zeros((len(starts_per_row), time), np.int32)
+    for row, starts in enumerate(starts_per_row):
+        ids[row] = 3 * row + np.cumsum([(1 + t % 4) if t in starts else 0 for t in range(time)])
+    return jnp.asarray(ids)
+
+
+# Slices of 37 tokens. Row 0: documents that start at a slice's first token (37, 74) and inside
+# slices (10, 50); row 1: one document over every slice (the initial state reaches the end); row 2:
+# a document spanning three slices from 20 on, a one-token document at 111, starts at 140 and 147.
+SEGMENT_ROWS = [{10, 37, 50, 74}, set(), {20, 111, 112, 140, 147}]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+def test_packed_documents_split_over_devices_equal_one_device(n, with_state):
+    per_device, heads = 37, 3
+    q, k, v, s0, rates = make_inputs(n + 40, 3, n * per_device, heads, 8, 6, with_state=with_state)
+    rows = [{t for t in starts if t < n * per_device} for starts in SEGMENT_ROWS]
+    seg = segment_ids_of(n * per_device, rows)
+    mesh = context_mesh(n)
+    kwargs = {"block_size": BLOCK, "implementation": "xla", "scale": 0.9}
+
+    def per_device_op(q, k, v, seg, *s0):
+        return lj.lightning_attention(q, k, v, rates, initial_state=s0[0] if s0 else None, segment_ids=seg,
+                                      return_final_state=True, context_axis=AXIS, **kwargs)
+
+    in_specs = (TOKENS,) * 3 + (jax.P(None, AXIS),) + ((jax.P(),) if with_state else ())
+    split = jax.jit(jax.shard_map(per_device_op, mesh=mesh, in_specs=in_specs, out_specs=(TOKENS, jax.P())))
+
+    def whole(q, k, v, *s0):
+        return lj.lightning_attention(q, k, v, rates, initial_state=s0[0] if s0 else None, segment_ids=seg,
+                                      return_final_state=True, **kwargs)
+
+    args = (q, k, v) + ((s0,) if with_state else ())
+    o, final = split(q, k, v, seg, *args[3:])
+    o_one, final_one = whole(*args)
+    assert rel_err(o, o_one) < 1e-5 and rel_err(final, final_one) < 1e-5
+    assert_gradients_match(lambda *a: split(a[0], a[1], a[2], seg, *a[3:]), whole, args, (o, final), seed=n,
+                           tol=1e-5)
+    # The documents matter: without segment ids the output differs.
+    assert rel_err(whole(*args)[0], lj.lightning_attention(q, k, v, rates, initial_state=args[3] if with_state
+                                                           else None, **kwargs)) > 1e-2
+
+
 def test_without_check_vma_the_final_state_may_be_returned_replicated():
     """check_vma=False keeps the plain all-gather; a replicated final state's gradient is still right
     (shard_map hands each device 1/n of its cotangent, the reduce-scatter sums them)."""

@@ -285,21 +285,6 @@ def test_checked_mode_sees_traced_decreasing_ids():
         err.throw()
 
 
-def test_segment_ids_not_yet_supported_with_context_axis():
-    mesh = jax.make_mesh((2,), ("context",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
-    q, k, v, *_ = _inputs(0, 1, 8, 1, 4, 4)
-    seg = jnp.zeros((1, 8), jnp.int32)
-    spec = jax.sharding.PartitionSpec(None, "context")
-    f = jax.shard_map(
-        lambda q, k, v, s: lj.lightning_attention(q, k, v, np.zeros(1, np.float32), segment_ids=s,
-                                                  context_axis="context", implementation="xla"),
-        mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=spec,
-    )
-    with pytest.raises(ArgumentError, match="segment_ids: .*not yet supported with context_axis") as info:
-        jax.jit(f)(q, k, v, seg)
-    assert info.value.field == "segment_ids"
-
-
 # ----------------------------------------------------------------------------------------------
 # Pallas (Triton) kernels: interpret mode on CPU (slow: few small cases), and CUDA lowering.
 

@@ -62,7 +62,8 @@ def lightning_attention(
         row (checked when concrete); None (default) is one segment. The state resets at each
         boundary: token t sees only tokens j <= t with segment_ids[j] == segment_ids[t], and
         `final_state` is the state of the row's last segment (plus the decayed initial state if the
-        row has one segment). Not differentiable (integers). Not yet supported with `context_axis`.
+        row has one segment). Not differentiable (integers). With `context_axis`, this device's slice
+        of them (documents may span slices).
       return_final_state: also return the float32 state after the last token.
       scale: multiplies q; default 1.0 (as in the papers).
       block_size: tokens per block for the block algorithm (a positive power of two); None picks
@@ -119,9 +120,6 @@ def lightning_attention(
         interpret = checks.check_bool("interpret", interpret)
     if context_axis is not None:
         context_parallel.check_context_axis(context_axis)
-        if segment_ids is not None:
-            _bad("segment_ids", f"got {_describe(segment_ids)} with context_axis={context_axis!r}: "
-                                "segment_ids are not yet supported with context_axis (expected None)")
     checked = checks.check_bool("checked", checked)
     if checked:
         _checkify_inputs(q, k, v, rates, initial_state)
@@ -134,7 +132,7 @@ def lightning_attention(
         o, final_state = context_parallel.context_parallel_attention(
             impl.load(), q, k, v, rates, initial_state, context_axis=context_axis,
             return_final_state=return_final_state, scale=scale, block_size=block_size, config=config,
-            interpret=interpret,
+            interpret=interpret, segment_ids=segment_ids,
         )
     elif segment_ids is not None:
         o, final_state = impl.load()(

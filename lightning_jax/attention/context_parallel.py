@@ -30,6 +30,15 @@ exclusive combine); the implementation returns the cotangent of S_in_i, and step
 small backward (two contractions, operands rounded as the kernels round theirs). A differentiated
 `initial_state` (replicated) also gets the usual all-reduce of its gradient over the axis.
 
+Packed documents (`segment_ids`, this device's slice of them): the state resets at each document
+boundary, so step 1 reduces only the slice's last document (tokens from its last start on), and
+each device also contributes three small integers per row to a second all-gather: its first and
+last segment ids and whether a document starts inside it. A slice blocks the state from earlier
+slices when a document starts in it or at its first token (its first id differs from the previous
+slice's last); S_in_i sums only the local states that reach slice i unblocked, and is zero when
+slice i itself starts a new document. The implementation then runs the slice with its segment ids,
+applying S_in_i to its first document only.
+
 Collective cost per device and call, with S = 4 x batch x heads x dk x dv bytes (the fp32 state of
 this device's batch and heads; 1 MiB for batch 1, 16 heads, dims 128): the forward's all-gather
 receives (n - 1) S and holds n S; the backward's reduce-scatter sends (n - 1) S. Independent of
@@ -91,22 +100,36 @@ def context_parallel_attention(
     block_size,
     config,
     interpret,
+    segment_ids=None,
 ):
     """This device's slice of a sequence split along time over `context_axis`.
 
     `impl` is an implementation from the registry (its common signature); the other arguments are
-    the op's, already checked, with `rates` fp32 [heads] and `initial_state` fp32 or None (the state
-    before the sequence's first token, the same on every device). Returns (o of this slice,
-    final_state after the whole sequence, the same on every device).
+    the op's, already checked, with `rates` fp32 [heads], `initial_state` fp32 or None (the state
+    before the sequence's first token, the same on every device) and `segment_ids` None or int32
+    [batch, T], this slice's. Returns (o of this slice, final_state after the whole sequence, the
+    same on every device).
     """
     time = q.shape[1]  # T: this slice's length, the same on every device
-    local = _local_state(k, v, rates)  # U_i
+    index, size = lax.axis_index(context_axis), lax.axis_size(context_axis)
+    gates, k_last = None, k
+    if segment_ids is not None:
+        starts = segment_ids[:, 1:] != segment_ids[:, :-1]  # [batch, T - 1]: a document starts at t + 1
+        last_start = jnp.max(jnp.where(starts, jnp.arange(1, time), 0), axis=1, initial=0)  # [batch]
+        # Only the slice's last document reaches its end state.
+        in_last = jnp.arange(time)[None, :] >= last_start[:, None]
+        k_last = jnp.where(in_last[:, :, None, None], k, jnp.zeros((), k.dtype))
+        facts = jnp.stack([segment_ids[:, 0], segment_ids[:, -1], jnp.any(starts, axis=1).astype(jnp.int32)], -1)
+        invariant = return_final_state and context_axis in _varying_axes(facts)
+        gates = _segment_gates(lax.all_gather(facts, context_axis, to="invarying" if invariant else "varying"),
+                               index, size)
+    local = _local_state(k_last, v, rates)  # U_i
     invariant = return_final_state and context_axis in _varying_axes(local)
     gathered = lax.all_gather(local, context_axis, to="invarying" if invariant else "varying")  # [n, ...]
-    s_in, final_state = _combine(
-        gathered, rates, initial_state, time, lax.axis_index(context_axis), lax.axis_size(context_axis)
-    )
-    o, _ = impl(q, k, v, rates, s_in, scale=scale, block_size=block_size, config=config, interpret=interpret)
+    s_in, final_state = _combine(gathered, rates, initial_state, time, index, size, gates)
+    documents = {} if segment_ids is None else {"segment_ids": segment_ids}
+    o, _ = impl(q, k, v, rates, s_in, scale=scale, block_size=block_size, config=config, interpret=interpret,
+                **documents)
     return o, final_state
 
 
@@ -167,9 +190,29 @@ def _local_state_backward(residuals, d_u):
 _local_state.defvjp(_local_state_forward, _local_state_backward)
 
 
-def _combine(gathered, rates, initial_state, time: int, index, size: int):
+def _segment_gates(facts, index, size: int):
+    """From every slice's (first segment id, last segment id, a document starts inside) [size,
+    batch, 3]: which local states reach slice `index`'s start and the sequence's end, as 0/1 fp32
+    (reach_in [size, batch], reach_end [size, batch]), and whether the initial state does (init_in,
+    init_end [batch])."""
+    first, last, inside = facts[..., 0], facts[..., 1], facts[..., 2] > 0
+    starts_new = jnp.concatenate([jnp.zeros_like(first[:1], bool), first[1:] != last[:-1]])  # at the first token
+    blocks = jnp.cumsum((starts_new | inside).astype(jnp.int32), axis=0)  # [size, batch], inclusive
+    before = jnp.where(index > 0, blocks[jnp.maximum(index - 1, 0)], 0)  # blocking slices among 0..index-1
+    open_here = ~starts_new[index]
+    # Slice j < index reaches slice index unless a slice strictly between them blocks (j's own
+    # inner starts are already in U_j); slices j >= index get weight 0 from _combine anyway.
+    reach_in = ((before[None, :] - blocks) == 0) & open_here[None, :]
+    reach_end = (blocks[-1][None, :] - blocks) == 0
+    init_in = (before == 0) & open_here
+    init_end = blocks[-1] == 0
+    return tuple(x.astype(_F32) for x in (reach_in, reach_end, init_in, init_end))
+
+
+def _combine(gathered, rates, initial_state, time: int, index, size: int, gates=None):
     """The state entering slice `index` and the state after all `size` slices, from the gathered
-    local states [size, batch, heads, dk, dv]. Elementwise fp32 (no dot: no TF32 on a GPU)."""
+    local states [size, batch, heads, dk, dv]; `gates` (packed documents): `_segment_gates`.
+    Elementwise fp32 (no dot: no TF32 on a GPU)."""
     rates = rates.astype(_F32)
     j = jnp.arange(size)
     # Slice j's state reaches the start of slice i after T (i - 1 - j) more tokens; j >= i: masked
@@ -178,10 +221,18 @@ def _combine(gathered, rates, initial_state, time: int, index, size: int):
     w_in = jnp.exp(jnp.where(lag_in[:, None] >= 0, -rates[None, :] * lag_in[:, None], -jnp.inf))  # [size, heads]
     lag_fin = (size - 1 - j).astype(_F32) * time
     w_fin = jnp.exp(-rates[None, :] * lag_fin[:, None])
-    s_in = jnp.sum(w_in[:, None, :, None, None] * gathered, axis=0)
-    final_state = jnp.sum(w_fin[:, None, :, None, None] * gathered, axis=0)
+    w_in, w_fin = w_in[:, None, :], w_fin[:, None, :]  # [size, 1 or batch, heads]
+    if gates is not None:
+        reach_in, reach_end, init_in, init_end = gates
+        w_in, w_fin = w_in * reach_in[:, :, None], w_fin * reach_end[:, :, None]
+    s_in = jnp.sum(w_in[..., None, None] * gathered, axis=0)
+    final_state = jnp.sum(w_fin[..., None, None] * gathered, axis=0)
     if initial_state is not None:
         s0 = initial_state.astype(_F32)
-        s_in = s_in + jnp.exp(-rates * (jnp.asarray(index, _F32) * time))[None, :, None, None] * s0
-        final_state = final_state + jnp.exp(-rates * float(size * time))[None, :, None, None] * s0
+        w0_in = jnp.exp(-rates * (jnp.asarray(index, _F32) * time))[None, :]  # [1, heads]
+        w0_fin = jnp.exp(-rates * float(size * time))[None, :]
+        if gates is not None:
+            w0_in, w0_fin = w0_in * init_in[:, None], w0_fin * init_end[:, None]
+        s_in = s_in + w0_in[..., None, None] * s0
+        final_state = final_state + w0_fin[..., None, None] * s0
     return s_in, final_state
