@@ -296,10 +296,6 @@ class TrainConfig(_Checked):
                 fail("data.document_mask", True,
                      f"False for model.arch={self.model.arch!r}: document masks are implemented for TNL's "
                      "lightning attention only")
-            if self.mesh.context > 1:
-                fail("data.document_mask", True,
-                     f"False with mesh.context={self.mesh.context}: document masks do not yet work with "
-                     "context parallelism")
 
         if self.optim.time_chunk_tokens:
             if self.model.arch != "tnl":
