@@ -350,7 +350,7 @@ def plot(results: dict, path: str, settings: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = os.path.abspath(args.out)
+    out = os.path.normpath(args.out)  # as given: results.json records workdirs relative to where it ran
     os.makedirs(out, exist_ok=True)
     seeds = [args.first_seed + i for i in range(args.seeds)]
     configs = {label: {seed: run_config(path, args.overrides[label], seed, os.path.join(out, label, f"seed{seed}"), args)

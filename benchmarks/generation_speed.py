@@ -57,6 +57,7 @@ from flax import nnx  # noqa: E402
 
 from lightning_jax import generation  # noqa: E402
 from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig  # noqa: E402
+from cells import parse_options, planned_bytes  # noqa: E402
 
 PARAMS = {"bf16": "bfloat16", "fp32": "float32"}
 VARIANT_KEYS = {"params": str, "scan": int, "attn": str, "prompt": int, "batch": int}
@@ -100,9 +101,7 @@ def floor_bytes(config, model: str, prompt: int, batch: int, n2: int) -> tuple[f
 
 def plan_bytes(compiled) -> int | None:
     try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
+        return planned_bytes(compiled.memory_analysis())
     except Exception:  # noqa: BLE001 (not every backend plans)
         return None
 
@@ -196,13 +195,8 @@ def run_cell(cell: dict, model_obj, args) -> dict:
 def parse_variant(text: str, prompts: list[int]) -> dict:
     """'tnl:params=fp32:scan=0' -> {model, key: value...} (prompt: the shortest, batch 1 by default)."""
     model, *options = text.split(":")
-    variant = {"model": model, "prompt": min(prompts), "batch": 1}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in VARIANT_KEYS:
-            raise SystemExit(f"--variants: unknown key {key!r} in {text!r}, expected one of {sorted(VARIANT_KEYS)}")
-        variant[key] = VARIANT_KEYS[key](value)
-    return variant
+    return {"model": model, "prompt": min(prompts), "batch": 1,
+            **parse_options(text, options, VARIANT_KEYS, "--variants")}
 
 
 def make_cells(args) -> list[dict]:

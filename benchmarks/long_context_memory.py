@@ -29,6 +29,8 @@ import os
 import subprocess
 import sys
 
+from cells import parse_options, planned_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELLS = ("2048x32", "262144", "1048576:chunk=16384:remat=none", "1048576:chunk=32768:remat=none",
          "1048576:chunk=16384:remat=full", "4194304:chunk=32768:remat=none")
@@ -41,13 +43,8 @@ def parse_cell(text: str) -> dict:
     """'1048576x1:chunk=16384:remat=none' -> {context, batch, model, remat, loss, chunk}."""
     head, *options = text.split(":")
     context, _, batch = head.partition("x")
-    cell = {"context": int(context), "batch": int(batch or 1), **DEFAULTS}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in KEYS:
-            raise SystemExit(f"--cells: unknown key {key!r} in {text!r}, expected one of {sorted(KEYS)}")
-        cell[key] = KEYS[key](value)
-    return cell
+    return {"context": int(context), "batch": int(batch or 1), **DEFAULTS,
+            **parse_options(text, options, KEYS, "--cells")}
 
 
 def one_cell(cell: dict, steps: int, tiny: bool, compile_only: bool) -> dict:
@@ -102,8 +99,7 @@ def compiled_plan(config, context: int, batch: int, mesh, options: dict) -> dict
             memory = step.lower(state, tokens).compile().memory_analysis()
         except Exception as e:  # noqa: BLE001: report what XLA said, per cell
             return {"status": "compile error", "error": str(e).splitlines()[0][:300]}
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-             - memory.alias_size_in_bytes)
+    total = planned_bytes(memory)
     stats = jax.devices()[0].memory_stats() or {}
     return {"status": "compiled", "plan_gib": round(total / 2**30, 2),
             "temp_gib": round(memory.temp_size_in_bytes / 2**30, 2),

@@ -112,6 +112,11 @@ def context_parallel_attention(
     """
     time = q.shape[1]  # T: this slice's length, the same on every device
     index, size = lax.axis_index(context_axis), lax.axis_size(context_axis)
+
+    def gather(x):  # [n, ...]: invariant along the axis when the final state is returned (see above)
+        invariant = return_final_state and context_axis in _varying_axes(x)
+        return lax.all_gather(x, context_axis, to="invarying" if invariant else "varying")
+
     gates, k_last = None, k
     if segment_ids is not None:
         starts = segment_ids[:, 1:] != segment_ids[:, :-1]  # [batch, T - 1]: a document starts at t + 1
@@ -120,12 +125,8 @@ def context_parallel_attention(
         in_last = jnp.arange(time)[None, :] >= last_start[:, None]
         k_last = jnp.where(in_last[:, :, None, None], k, jnp.zeros((), k.dtype))
         facts = jnp.stack([segment_ids[:, 0], segment_ids[:, -1], jnp.any(starts, axis=1).astype(jnp.int32)], -1)
-        invariant = return_final_state and context_axis in _varying_axes(facts)
-        gates = _segment_gates(lax.all_gather(facts, context_axis, to="invarying" if invariant else "varying"),
-                               index, size)
-    local = _local_state(k_last, v, rates)  # U_i
-    invariant = return_final_state and context_axis in _varying_axes(local)
-    gathered = lax.all_gather(local, context_axis, to="invarying" if invariant else "varying")  # [n, ...]
+        gates = _segment_gates(gather(facts), index, size)
+    gathered = gather(_local_state(k_last, v, rates))  # the local states U_j, [n, batch, heads, dk, dv]
     s_in, final_state = _combine(gathered, rates, initial_state, time, index, size, gates)
     documents = {} if segment_ids is None else {"segment_ids": segment_ids}
     o, _ = impl(q, k, v, rates, s_in, scale=scale, block_size=block_size, config=config, interpret=interpret,
