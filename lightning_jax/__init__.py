@@ -3,6 +3,7 @@
 from lightning_jax.attention import (
     IMPLEMENTATIONS,
     SCHEDULES,
+    MosaicConfig,
     TritonConfig,
     XlaConfig,
     alibi_slopes,
@@ -27,6 +28,7 @@ def __getattr__(name):
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "MosaicConfig",
     "SCHEDULES",
     "TritonConfig",
     "XlaConfig",

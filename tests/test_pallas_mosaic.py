@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightning_jax.attention import reference
+from lightning_jax.attention import MosaicConfig, TritonConfig, lightning_attention, reference
+from lightning_jax.attention.pallas import choose_backend
+from lightning_jax.attention.pallas_mosaic import launch_plan
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 if not hasattr(plgpu, "InterpretGPUParams"):
@@ -117,6 +119,126 @@ def test_no_races_and_no_uninitialised_reads():
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
 
 
+# Three warpgroups (memory, state, output) and the launch layouts: pieces of a sequence with start
+# states from the first kernel and the scan; several rows per program, the loads running ahead
+# across rows; one stage and two.
+@pytest.mark.parametrize(
+    "batch,time,pieces,rows,stages",
+    [(1, 200, 1, 1, 2), (2, 130, 1, 2, 1), (1, 300, 3, 1, 2), (2, 260, 4, 8, 2), (3, 64, 1, 3, 2)],
+)
+def test_warp_specialized_matches_quadratic(batch, time, pieces, rows, stages):
+    q, k, v, s_in = _inputs(batch, time, 2, 64, 128, seed=time)
+    _check(q, k, v, jnp.array([0.0, 0.3]), s_in, pieces=pieces, rows_per_program=rows, stages=stages,
+           warp_specialized=True)
+
+
+@pytest.mark.parametrize("pieces,rows", [(2, 1), (3, 2)])
+def test_one_warpgroup_pieces_and_rows(pieces, rows):
+    q, k, v, s_in = _inputs(2, 250, 2, 64, 64, seed=7)
+    _check(q, k, v, jnp.array([0.05, 2.0]), s_in, pieces=pieces, rows_per_program=rows)
+
+
+def test_warp_specialized_no_races():
+    """Shared buffers handed between warpgroups (slots, the bf16 state, o) are never read and
+    written at once, and every barrier phase is waited for."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:
+        pytest.skip("private race-detection state of GPU interpret mode moved in this jax")
+    params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+    q, k, v, s_in = _inputs(2, 200, 2, 64, 64, seed=8)
+    o, final = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
+                    interpret=params)
+    assert not gpu_callbacks.get_races().races_found
+    assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
+
+
+def test_launch_plan():
+    """About one program per SM: pieces when programs are few, rows per program when many; always
+    a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x pieces."""
+    assert launch_plan(1, 65536, 16, 128, 132) == (4, 1)  # 32 programs
+    assert launch_plan(64, 1024, 16, 128, 132) == (1, 16)  # 2,048 programs
+    assert launch_plan(4, 16384, 16, 128, 132) == (1, 1)  # 128 programs: full
+    assert launch_plan(1, 100, 1, 64, 132) == (1, 1)  # 2 blocks: too short to cut
+    for batch, time, heads, dim_v in [(3, 5000, 2, 64), (5, 70000, 1, 256), (7, 64, 40, 128), (1, 1, 1, 64)]:
+        pieces, rows = launch_plan(batch, time, heads, dim_v, 132)
+        assert pieces & (pieces - 1) == 0 and (pieces == 1 or -(-time // 64) // pieces >= 4)
+        assert (batch * pieces) % rows == 0
+
+
+def _op(q, k, v, rates, s_in, **kw):
+    return lightning_attention(q, k, v, rates, initial_state=s_in, return_final_state=True,
+                               implementation="pallas_mosaic", interpret=True, **kw)
+
+
+def test_op_forward_and_gradients():
+    """Undifferentiated, the op runs the Mosaic forward; its gradients (Triton kernels, whose
+    forward runs under jax.vjp) match the oracle's, initial state included."""
+    q, k, v, s_in = _inputs(1, 100, 2, 64, 64, seed=9)
+    rates = jnp.array([0.0, 0.5])
+    config = MosaicConfig(gradients=TritonConfig(chunk=64))
+    o, final = jax.block_until_ready(_op(q, k, v, rates, s_in, config=config))
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want_o, want_final = reference.quadratic(*up, rates, s_in)
+    assert _rel_per_head(o, want_o, 2) < 1e-2 and _rel_per_head(final, want_final, 1) < 1e-2
+
+    d_o = jax.random.normal(jax.random.PRNGKey(1), o.shape)
+    d_final = jax.random.normal(jax.random.PRNGKey(2), final.shape)
+
+    def grads(fn, *args):
+        (o, final), vjp = jax.vjp(fn, *args)
+        return vjp((d_o.astype(o.dtype), d_final))
+
+    got = grads(lambda q, k, v, s: _op(q, k, v, rates, s, config=config), q, k, v, s_in)
+    want = grads(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s), *up, s_in)
+    for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+        assert a.shape == b.shape, name
+        err = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(np.asarray(b))
+        assert err < 2e-2, (name, err)
+
+
+def test_op_refuses_what_it_does_not_cover():
+    q, k, v, s_in = _inputs(1, 8, 1, 64, 64)
+    rates = jnp.zeros((1,))
+    with pytest.raises(ValueError, match="segment_ids: .*'pallas'"):
+        _op(q, k, v, rates, None, segment_ids=jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match="block_size: got 128"):
+        _op(q, k, v, rates, None, block_size=128)
+    with pytest.raises(ValueError, match="q: got dtype float32"):
+        _op(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), rates, None)
+    wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="q: got dim_k 256, expected <= 128"):
+        _op(wide, wide, v, rates, None)
+    with pytest.raises(TypeError, match="config: got TritonConfig, expected MosaicConfig"):
+        _op(q, k, v, rates, None, config=TritonConfig())
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("stages", 3, "MosaicConfig.stages"), ("pieces", 0, "MosaicConfig.pieces: got 0"),
+     ("rows_per_program", 1.5, "MosaicConfig.rows_per_program"), ("warp_specialized", 1, "warp_specialized"),
+     ("gradients", {}, "MosaicConfig.gradients: got dict")],
+)
+def test_config_checks(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MosaicConfig(**{field: value})
+
+
+def test_pallas_chooses_mosaic_where_it_covers_the_call():
+    hopper = dict(interpret=False, capability="9.0")
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, **hopper) == "mosaic"
+    assert choose_backend((2, 4096, 16, 64), jnp.float16, block_size=64, **hopper) == "mosaic"
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=False, capability="8.0") == "triton"
+    assert choose_backend((2, 4096, 16, 128), jnp.float32, **hopper) == "triton"
+    assert choose_backend((2, 4096, 16, 256), jnp.bfloat16, **hopper) == "triton"
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, segments=True, **hopper) == "triton"
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, block_size=128, **hopper) == "triton"
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=True, capability="9.0") == "triton"
+    # Without a GPU (this machine): Triton, also when only lowering for one.
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16) == "triton"
+    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=False) == "triton"
+
+
 def _lower(time, dim_k, dim_v, initial_state, **kw):
     q = jax.ShapeDtypeStruct((1, time, 2, dim_k), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((1, time, 2, dim_v), jnp.bfloat16)
@@ -126,10 +248,31 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
     return jax.jit(fn).trace(q, q, v, rates, s_in).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("time,dim_k,dim_v,initial_state", [(130, 64, 64, True), (64, 128, 256, False)])
-def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state):
-    """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU."""
-    assert "mosaic_gpu" in _lower(time, dim_k, dim_v, initial_state)
+@pytest.mark.parametrize(
+    "time,dim_k,dim_v,initial_state,kw",
+    [(130, 64, 64, True, {}), (64, 128, 256, False, {}), (4096, 128, 128, True, dict(warp_specialized=True, pieces=4)),
+     (1000, 128, 64, False, dict(warp_specialized=True, rows_per_program=2)),
+     (500, 192, 64, True, dict(stages=1))],
+)
+def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
+    """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU
+    (every variant the op uses: three warpgroups, pieces with the first kernel, rows, dim_k 192)."""
+    assert "mosaic_gpu" in _lower(time, dim_k, dim_v, initial_state, **kw)
+
+
+def test_op_cross_lowers_with_triton_gradients():
+    """The op's primal lowers to the Mosaic kernel; its gradient to the Triton kernels."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    rates = jnp.array([0.1, 0.2])
+    op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False)
+    forward_text = jax.jit(op).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in forward_text and "triton" not in forward_text
+    loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()
+    # Triton's lowering asks for a GPU's facts: an abstract H100 stands in for one.
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
 
 
 def test_cross_lowering_checks_shared_memory():

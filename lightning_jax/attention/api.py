@@ -68,10 +68,13 @@ def lightning_attention(
       scale: multiplies q; default 1.0 (as in the papers).
       block_size: tokens per block for the block algorithm (a positive power of two); None picks
         the implementation's default. Ignored by "reference" and "recurrent".
-      implementation: one of `IMPLEMENTATIONS` ("reference", "recurrent", "xla", "pallas"), or None
-        for the best on this platform (`default_implementation()`).
+      implementation: one of `IMPLEMENTATIONS` ("reference", "recurrent", "xla", "pallas",
+        "pallas_triton", "pallas_mosaic"), or None for the best on this platform
+        (`default_implementation()`). "pallas" picks a Pallas backend per call
+        (`lightning_jax.attention.pallas.choose_backend`).
       config: tuning knobs of the implementation, an instance of its config class:
-        `XlaConfig` for "xla", `TritonConfig` for "pallas" (`IMPLEMENTATIONS[name].config_type`);
+        `XlaConfig` for "xla", `TritonConfig` for "pallas" and "pallas_triton", `MosaicConfig` for
+        "pallas_mosaic" (`IMPLEMENTATIONS[name].config_type`);
         None for its defaults. "reference" and "recurrent" take none.
       interpret: Pallas implementations only: True runs the kernels in Pallas interpret mode (any
         backend, slow), False lowers them for the GPU (also when only lowering on a CPU), None

@@ -77,8 +77,16 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "lightning_jax.attention.xla", "lightning_attention_xla", "XlaConfig",
         ),
         Implementation(
-            "pallas", "Pallas GPU kernels (Triton backend), forward and backward",
+            "pallas", "Pallas GPU kernels, the best backend per call (Mosaic GPU forward on Hopper, else Triton)",
+            "lightning_jax.attention.pallas", "lightning_attention_pallas", "TritonConfig",
+        ),
+        Implementation(
+            "pallas_triton", "Pallas GPU kernels (Triton backend), forward and backward, any NVIDIA GPU",
             "lightning_jax.attention.pallas_triton", "lightning_attention_triton", "TritonConfig",
+        ),
+        Implementation(
+            "pallas_mosaic", "Pallas Mosaic GPU forward (Hopper), gradients by the Triton kernels",
+            "lightning_jax.attention.pallas_mosaic", "lightning_attention_mosaic", "MosaicConfig",
         ),
     )
 }

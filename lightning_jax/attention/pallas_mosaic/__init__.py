@@ -1,6 +1,27 @@
-"""Pallas Mosaic GPU (Hopper) kernels for Lightning Attention. Work in progress: forward only,
-not registered as an implementation yet."""
+"""Lightning attention's forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warp specialisation).
 
-from lightning_jax.attention.pallas_mosaic.forward import decay_tables, forward
+    config.py    MosaicConfig (the knobs) and launch_plan (pieces, rows per program from the shape)
+    kernels.py   the kernels: one warpgroup or three (memory, state, output), pieces, rows
+    op.py        lightning_attention_mosaic: the forward in a custom_vjp whose gradients come from
+                 the Pallas-Triton kernels (the Mosaic backward does not exist yet)
 
-__all__ = ["decay_tables", "forward"]
+Importing this package is light: the Mosaic GPU lowering code loads with `forward` and `op`.
+"""
+
+from lightning_jax.attention.pallas_mosaic.config import MosaicConfig, launch_plan
+
+
+def __getattr__(name):
+    # The entry point and the kernels pull in Pallas' Mosaic GPU lowering; load them on first use only.
+    if name == "lightning_attention_mosaic":
+        from lightning_jax.attention.pallas_mosaic import op
+
+        return op.lightning_attention_mosaic
+    if name in ("forward", "decay_tables"):
+        from lightning_jax.attention.pallas_mosaic import kernels
+
+        return getattr(kernels, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MosaicConfig", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]

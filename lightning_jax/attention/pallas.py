@@ -1,0 +1,71 @@
+"""`implementation="pallas"`: the best Pallas backend for this device and call.
+
+Two backends exist: Pallas-Triton (`pallas_triton/`, any NVIDIA GPU, every feature) and Pallas
+Mosaic GPU (`pallas_mosaic/`, Hopper only; a faster forward, gradients still by the Triton kernels).
+"pallas" takes the Mosaic forward where it covers the call and Triton everywhere else, so it is the
+GPU default; name "pallas_triton" or "pallas_mosaic" to pin one.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from lightning_jax.attention.pallas_triton.config import TritonConfig
+
+# The Mosaic forward's limits: Hopper's wgmma and TMA, 16-bit operands, dim_k that fits two stages
+# of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
+MOSAIC_CAPABILITIES = ("9.0",)
+MOSAIC_MAX_DIM_K = 128
+
+
+def choose_backend(q_shape, dtype, *, segments: bool = False, block_size: int | None = None,
+                   interpret: bool | None = None, capability: str | None = None) -> str:
+    """"mosaic" or "triton": the backend "pallas" runs a call's forward with.
+
+    `capability` is the GPU's compute capability ("9.0" for an H100/H200); None reads it from the
+    first device when the default backend is a GPU. Interpret mode always uses Triton (the Mosaic
+    interpreter is far slower), and so do packed documents (segment ids), a block size other than
+    the Mosaic forward's 64, 32-bit operands and dim_k > 128."""
+    if interpret or (interpret is None and jax.default_backend() != "gpu"):
+        return "triton"
+    if capability is None:
+        if jax.default_backend() != "gpu":
+            return "triton"  # lowering for a GPU from a CPU-only process: no device to ask
+        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    covered = (
+        capability in MOSAIC_CAPABILITIES
+        and jax.numpy.dtype(dtype).itemsize == 2
+        and q_shape[-1] <= MOSAIC_MAX_DIM_K
+        and not segments
+        and block_size in (None, 64)
+    )
+    return "mosaic" if covered else "triton"
+
+
+def lightning_attention_pallas(
+    q,
+    k,
+    v,
+    rates,
+    initial_state,
+    *,
+    scale: float = 1.0,
+    block_size: int | None = None,
+    config: TritonConfig | None = None,
+    interpret: bool | None = None,
+    segment_ids=None,
+):
+    """Shapes as in `lightning_jax.attention.registry`. `config` tunes the Triton kernels (the
+    backward always, the forward where Triton runs it)."""
+    backend = choose_backend(q.shape, q.dtype, segments=segment_ids is not None, block_size=block_size,
+                             interpret=interpret)
+    if backend == "mosaic":
+        from lightning_jax.attention.pallas_mosaic import MosaicConfig, lightning_attention_mosaic
+
+        return lightning_attention_mosaic(q, k, v, rates, initial_state, scale=scale, config=MosaicConfig(gradients=config),
+                                          interpret=False)
+    from lightning_jax.attention.pallas_triton.op import lightning_attention_triton
+
+    extra = {} if segment_ids is None else {"segment_ids": segment_ids}
+    return lightning_attention_triton(q, k, v, rates, initial_state, scale=scale, block_size=block_size, config=config,
+                                      interpret=interpret, **extra)

@@ -1,0 +1,67 @@
+"""The Mosaic GPU backend's public knobs (`MosaicConfig`) and its launch plan; light to import.
+
+Pass a config through the op: ``lightning_attention(..., implementation="pallas_mosaic",
+config=MosaicConfig(pieces=4))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lightning_jax import checks
+from lightning_jax.attention.pallas_triton.config import TritonConfig
+
+# Tokens per block: wgmma's M. Larger blocks need more shared memory than the three-warpgroup kernel has.
+MOSAIC_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Knobs of the Mosaic GPU forward (static; hashable). None means "choose from the shape"
+    (`launch_plan`).
+
+    stages: q, k, v blocks in flight (1 or 2); 2 needs dim_k <= 128 with warp specialisation.
+    warp_specialized: three warpgroups (memory, state, output) instead of one.
+    pieces: programs per sequence (the sequence cut into pieces whose start states a first kernel
+      and a scan provide), for grids that do not fill the GPU.
+    rows_per_program: rows (pieces of sequences) one program sweeps in turn, for grids of many
+      short programs.
+    gradients: the `TritonConfig` of the kernels that compute gradients (None: their defaults).
+    """
+
+    stages: int = 2
+    warp_specialized: bool = True
+    pieces: int | None = None
+    rows_per_program: int | None = None
+    gradients: TritonConfig | None = None
+
+    def __post_init__(self):
+        checks.check_choice("MosaicConfig.stages", self.stages, (1, 2))
+        checks.check_bool("MosaicConfig.warp_specialized", self.warp_specialized)
+        for name in ("pieces", "rows_per_program"):
+            if getattr(self, name) is not None:
+                checks.check_int(f"MosaicConfig.{name}", getattr(self, name), minimum=1)
+        if self.gradients is not None and not isinstance(self.gradients, TritonConfig):
+            raise checks.ArgumentTypeError(
+                "MosaicConfig.gradients", f"got {type(self.gradients).__name__}, expected None or a TritonConfig"
+            )
+
+
+def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) -> tuple[int, int]:
+    """(pieces, rows_per_program) for a call: about one program per SM (one fits at a time).
+
+    Measured on an H200 (132 SMs; docs/kernels.md): with fewer programs than SMs, cutting each
+    sequence into pieces wins (1 x 65,536 x 16 heads: 32 programs; 4 pieces 0.56 ms, 8 pieces
+    0.62, none 1.24); with many programs of short sequences, one program sweeping several rows wins
+    (64 x 1,024 x 16: 2,048 programs; 16 rows each 0.38 ms, one 0.47)."""
+    programs = batch * heads * -(-dim_v // 64)
+    blocks = -(-time // MOSAIC_BLOCK)
+    full = 0.9 * sm_count  # 128 programs on 132 SMs count as full (4 x 16,384 x 16: pieces lose)
+    pieces = 1
+    if programs < full:
+        pieces = 1 << ((sm_count // programs).bit_length() - 1)  # a power of two <= the ratio
+        pieces = max(1, min(pieces, blocks // 4))  # at least 4 blocks per piece
+    rows = batch * pieces
+    divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+    per_program = max(d for d in divisors if d == 1 or programs * pieces // d >= full)
+    return pieces, per_program

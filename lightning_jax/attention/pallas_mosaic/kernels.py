@@ -1,0 +1,533 @@
+"""Lightning Attention forward as a Pallas Mosaic GPU kernel (Hopper), first and simplest version.
+
+One program (CTA, one warpgroup) per (value tile, head, batch). It walks the sequence in blocks of
+`block` tokens, carrying the true fp32 state S (convention B of docs/lightning-math.md: S after the
+block's last token, S_in before the first block) in registers::
+
+    O_i     = ((Q_i K_i^T) * D) V_i + diag(lambda^(a+1)) Q_i S            D[a, b] = lambda^(a-b), a >= b
+    S      <- lambda^m S + K_i^T diag(lambda^(m-1-a)) V_i                 m = real length of block i
+
+Every block has m = block except the last one, whose tokens past the end are zero padding (zero k
+and v add nothing, and the last block uses its real length m in both decays, so the padding does
+not age the state: the final state is exact for any length).
+
+All decays are built in the wrapper in fp32 as exp(-rate * delta) with delta >= 0 (masked exponent),
+as small per-head tables that each program copies into shared memory once: the intra-block mask
+D (times `scale`), the q decays lambda^(a+1) (times `scale`), the k decays and the block decay for
+a full block and for the last block.
+
+The Triton kernels use convention A (the state aged to the block's first token); here the state
+lives in registers for the whole sweep, and convention B gives the ragged final state exactly
+without dividing by lambda. Both are right; mixing them within a kernel is the bug to avoid.
+
+Status: tested in GPU interpret mode on CPU and cross-lowered for sm_90 (tests/test_pallas_mosaic.py);
+not yet run on a GPU, not registered as an implementation of `lightning_attention`, forward only.
+
+Every matmul goes through `_mm`: wgmma with both operands in shared memory into a scoped
+accumulator, the form GPU interpret mode supports (it has no rule for A from registers nor for
+`ACC.init`). Operands that are computed in registers (the masked scores, the bf16 copy of the
+state, the decayed V) are therefore staged in shared memory first.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# wgmma wants M a multiple of 64; the 128-byte swizzle of 16-bit operands is 64 elements wide.
+_TILE = 64
+_SWIZZLE = 128
+_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _smem_operand(shape, dtype):
+    """A 16-bit shared-memory buffer laid out for TMA and wgmma (8 x 64 tiles, 128-byte swizzle)."""
+    elems = _SWIZZLE // jnp.dtype(dtype).itemsize
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(_SWIZZLE)))
+
+
+def _mm(a_ref, b_ref):
+    """fp32 a @ b of two shared-memory operands (either may be a `.transpose((1, 0))` view).
+
+    The one place matmuls are issued: wgmma(smem, smem) into a fresh accumulator, then read back
+    to registers (the read waits for the wgmma). Supported both on the GPU and in interpret mode."""
+    m, n = a_ref.shape[0], b_ref.shape[1]
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
+
+
+def _rows(vec, shape):
+    """Broadcast a (shape[0],) vector along the columns of `shape` (scales rows)."""
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, tiles, dim_k, tile_v, stages,
+            has_s0, outputs):
+    refs = list(refs)
+    q_ref = refs.pop(0) if outputs else None
+    k_ref, v_ref = refs.pop(0), refs.pop(0)
+    mask_ref, qdec_ref = (refs.pop(0), refs.pop(0)) if outputs else (None, None)
+    kdec_ref, sdec_ref = refs.pop(0), refs.pop(0)
+    s0_ref = refs.pop(0) if has_s0 else None
+    o_ref = refs.pop(0) if outputs else None
+    (sf_ref,) = refs
+    dt = k_ref.dtype
+    j = lax.axis_index("tile")
+    h = lax.axis_index("head")
+    first_row = lax.axis_index("rows") * rows_per_program
+    cols = pl.ds(j * tile_v, tile_v)
+    wgmma = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    streams = 3 if outputs else 2  # q, k, v (or k, v) per pipeline slot
+    steps = rows_per_program * blocks_per_piece
+
+    def where(n):
+        """Step n of this program -> (batch row, piece, block of the whole sequence)."""
+        row = first_row + n // blocks_per_piece
+        piece = row % pieces
+        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+
+    def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, bars, tbars):
+        def issue(n, slot):
+            b, _, g = where(n)
+            rows = pl.ds(g * block, block)
+            srcs = [k_ref.at[b, rows, h, :], v_ref.at[b, rows, h, cols]]
+            dsts = [k_s.at[slot], v_s.at[slot]]
+            if outputs:
+                srcs.append(q_ref.at[b, rows, h, :])
+                dsts.append(q_s.at[slot])
+            for t, (src, dst) in enumerate(zip(srcs, dsts)):
+                plgpu.copy_gmem_to_smem(src, dst, bars.at[slot * streams + t])
+
+        # The decay tables of this head and the first block, all in flight at once.
+        tables = [(kdec_ref, kdec_s), (sdec_ref, sdec_s)]
+        if outputs:
+            tables += [(mask_ref, mask_s), (qdec_ref, qdec_s)]
+        for t, (src, dst) in enumerate(tables):
+            plgpu.copy_gmem_to_smem(src.at[h], dst, tbars.at[t])
+        if stages > 1:
+            issue(0, 0)
+        for t in range(len(tables)):
+            plgpu.barrier_wait(tbars.at[t])
+        if outputs:
+            mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
+            qdec = plgpu.load(qdec_s, layout=row_layout)  # [block]
+
+        def step(n, s):
+            b, _, g = where(n)
+            if stages == 1:
+                slot = 0
+                issue(n, 0)
+            else:
+                slot = n % stages
+
+                @pl.when(n + 1 < steps)
+                def _():
+                    issue(n + 1, (n + 1) % stages)
+
+            # Table row: 0 a full block, 1 the last real block (ragged), 2 padding (no decay).
+            kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
+            kdec = plgpu.load(kdec_s.at[kind], layout=row_layout)  # [block]
+            sdec = plgpu.load(sdec_s.at[kind], layout=row_layout)  # [dim_k]
+            if outputs:
+                r_s[...] = s.astype(dt)  # the bf16 state for Q S while the copies fly
+            for t in range(streams):
+                plgpu.barrier_wait(bars.at[slot * streams + t])
+            k_blk, v_blk = k_s.at[slot], v_s.at[slot]
+            if outputs:
+                q_blk = q_s.at[slot]
+                scores = _mm(q_blk, k_blk.transpose((1, 0))) * mask  # [block, block], masked and decayed
+                p_s[...] = scores.astype(dt)
+            v = plgpu.load(v_blk, layout=wgmma).astype(jnp.float32)
+            vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
+            plgpu.commit_smem()  # make the register stores visible to wgmma
+            if outputs:
+                o = _mm(p_s, v_blk) + _mm(q_blk, r_s) * _rows(qdec, (block, tile_v))
+                o_s[...] = o.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(g * block, block), h, cols])
+            s = s * _rows(sdec, s.shape) + _mm(k_blk.transpose((1, 0)), vs_s)
+            if outputs:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is reused by the next block
+            return s
+
+        def row_sweep(r, carry):
+            b, piece, _ = where(r * blocks_per_piece)
+            if s0_ref is not None:
+                plgpu.copy_gmem_to_smem(s0_ref.at[b, piece, h, :, cols], st_s, tbars.at[0])
+                plgpu.barrier_wait(tbars.at[0])
+                s = plgpu.load(st_s, layout=wgmma)
+            else:
+                s = plgpu.layout_cast(jnp.zeros((dim_k, tile_v), jnp.float32), wgmma)
+            s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
+            st_s[...] = s
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is reused by the next row
+            return carry
+
+        lax.fori_loop(0, rows_per_program, row_sweep, 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(
+        k_s=_smem_operand((stages, block, dim_k), dt),
+        v_s=_smem_operand((stages, block, tile_v), dt),
+        vs_s=_smem_operand((block, tile_v), dt),  # decayed v
+        kdec_s=plgpu.SMEM((3, block), jnp.float32),
+        sdec_s=plgpu.SMEM((3, dim_k), jnp.float32),
+        st_s=plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
+        bars=plgpu.Barrier(num_barriers=stages * streams),
+        tbars=plgpu.Barrier(num_barriers=4 if outputs else 2),
+    )
+    if outputs:
+        scratch.update(
+            q_s=_smem_operand((stages, block, dim_k), dt),
+            p_s=_smem_operand((block, block), dt),  # masked scores
+            r_s=_smem_operand((dim_k, tile_v), dt),  # bf16 state
+            o_s=_smem_operand((block, tile_v), dt),
+            mask_s=plgpu.SMEM((block, block), jnp.float32),
+            qdec_s=plgpu.SMEM((block,), jnp.float32),
+        )
+    pl.run_scoped(lambda **bufs: scoped(**{n: bufs.get(n) for n in _SCRATCH}), **scratch)
+
+
+_SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s", "kdec_s", "sdec_s", "st_s", "bars", "tbars")
+
+
+def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
+               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0):
+    """The forward with three warpgroups, each running its own loop over the program's blocks:
+
+    - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
+      warpgroups have released the slot's previous block;
+    - state (wg 1): publishes bf16(S) before block n for the output warpgroup (two buffers), then
+      S <- lambda^m S + K^T diag(kdec) V in fp32 registers;
+    - output (wg 0): O = ((Q K^T) * D) V + diag(qdec) Q S, stored by TMA.
+
+    The output warpgroup's three matmuls per block overlap the state warpgroup's one and the loads.
+    Barriers: full (a copy landed), consumed (both compute warpgroups are done with a slot), ready
+    (a bf16 state is published) and free (the output warpgroup has read it). Every arrival is waited
+    for before the program ends (the interpreter checks it; on the GPU it keeps warpgroups together).
+    """
+    s0_ref, o_ref, sf_ref = refs if has_s0 else (None, *refs)
+    dt = q_ref.dtype
+    j = lax.axis_index("tile")
+    h = lax.axis_index("head")
+    wg = lax.axis_index("wg")
+    first_row = lax.axis_index("rows") * rows_per_program
+    cols = pl.ds(j * tile_v, tile_v)
+    wgmma = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    steps = rows_per_program * blocks_per_piece
+
+    def where(n):
+        row = first_row + n // blocks_per_piece
+        piece = row % pieces
+        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+
+    def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, full, consumed, ready,
+               free, tbars, done):
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(n, carry):
+                slot = n % stages
+
+                @pl.when(n >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                b, _, g = where(n)
+                rows = pl.ds(g * block, block)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, :], q_s.at[slot], full.at[3 * slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, :], k_s.at[slot], full.at[3 * slot + 1])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, cols], v_s.at[slot], full.at[3 * slot + 2])
+                return carry
+
+            lax.fori_loop(0, steps, load, 0)
+            for n in range(max(steps - stages, 0), steps):  # the last releases
+                plgpu.barrier_wait(consumed.at[n % stages])
+
+        @pl.when(wg == 1)
+        def _state():
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.copy_gmem_to_smem(kdec_ref.at[h], kdec_s, tbars.at[0])
+            plgpu.copy_gmem_to_smem(sdec_ref.at[h], sdec_s, tbars.at[1])
+            plgpu.barrier_wait(tbars.at[0])
+            plgpu.barrier_wait(tbars.at[1])
+
+            def step(n, s):
+                slot = n % stages
+                _, _, g = where(n)
+                kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
+                kdec = plgpu.load(kdec_s.at[kind], layout=row_layout)
+                sdec = plgpu.load(sdec_s.at[kind], layout=row_layout)
+
+                @pl.when(n >= 2)
+                def _():
+                    plgpu.barrier_wait(free.at[n % 2])
+
+                r_s.at[n % 2][...] = s.astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready.at[n % 2])
+                plgpu.barrier_wait(full.at[3 * slot + 1])
+                plgpu.barrier_wait(full.at[3 * slot + 2])
+                v = plgpu.load(v_s.at[slot], layout=wgmma).astype(jnp.float32)
+                vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
+                plgpu.commit_smem()
+                s = s * _rows(sdec, s.shape) + _mm(k_s.at[slot].transpose((1, 0)), vs_s)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return s
+
+            def row_sweep(r, carry):
+                b, piece, _ = where(r * blocks_per_piece)
+                if s0_ref is not None:
+                    plgpu.copy_gmem_to_smem(s0_ref.at[b, piece, h, :, cols], st_s, tbars.at[4])
+                    plgpu.barrier_wait(tbars.at[4])
+                    s = plgpu.load(st_s, layout=wgmma)
+                else:
+                    s = plgpu.layout_cast(jnp.zeros((dim_k, tile_v), jnp.float32), wgmma)
+                s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
+                st_s[...] = s
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is reused by the next row
+                return carry
+
+            lax.fori_loop(0, rows_per_program, row_sweep, 0)
+            for n in range(max(steps - 2, 0), steps):  # the output warpgroup's last frees
+                plgpu.barrier_wait(free.at[n % 2])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 0)
+        def _output():
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.copy_gmem_to_smem(mask_ref.at[h], mask_s, tbars.at[2])
+            plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[3])
+            plgpu.barrier_wait(tbars.at[2])
+            plgpu.barrier_wait(tbars.at[3])
+            mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
+            qdec = _rows(plgpu.load(qdec_s, layout=row_layout), (block, tile_v))
+
+            def step(n, carry):
+                slot = n % stages
+                b, _, g = where(n)
+                plgpu.barrier_wait(full.at[3 * slot])
+                plgpu.barrier_wait(full.at[3 * slot + 1])
+                scores = _mm(q_s.at[slot], k_s.at[slot].transpose((1, 0))) * mask
+                p_s[...] = scores.astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(full.at[3 * slot + 2])
+                o = _mm(p_s, v_s.at[slot])
+                plgpu.barrier_wait(ready.at[n % 2])
+                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * qdec
+                plgpu.barrier_arrive(free.at[n % 2])
+                plgpu.barrier_arrive(consumed.at[slot])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_s
+                o_s[...] = o.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(g * block, block), h, cols])
+                return carry
+
+            lax.fori_loop(0, steps, step, 0)
+            plgpu.wait_smem_to_gmem(0)
+
+        plgpu.barrier_arrive(done)  # no warpgroup leaves before the others
+        plgpu.barrier_wait(done)
+
+    pl.run_scoped(
+        scoped,
+        _smem_operand((stages, block, dim_k), dt),  # q
+        _smem_operand((stages, block, dim_k), dt),  # k
+        _smem_operand((stages, block, tile_v), dt),  # v
+        _smem_operand((block, block), dt),  # masked scores
+        _smem_operand((block, tile_v), dt),  # decayed v
+        _smem_operand((2, dim_k, tile_v), dt),  # bf16 states for the output warpgroup
+        _smem_operand((block, tile_v), dt),  # o
+        plgpu.SMEM((block, block), jnp.float32),
+        plgpu.SMEM((block,), jnp.float32),
+        plgpu.SMEM((3, block), jnp.float32),
+        plgpu.SMEM((3, dim_k), jnp.float32),
+        plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
+        plgpu.Barrier(num_barriers=3 * stages),  # full
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
+        plgpu.Barrier(num_barriers=2),  # ready
+        plgpu.Barrier(num_barriers=2),  # free
+        plgpu.Barrier(num_barriers=5),  # tables and initial states
+        plgpu.Barrier(num_arrivals=3),  # done
+        collective_axes="wg",
+    )
+
+
+def decay_tables(rates, *, block, length, dim_k, scale=1.0):
+    """The per-head fp32 tables the kernel reads, built from exp(-rate * delta), delta >= 0.
+
+    mask [H, B, B] = scale * lambda^(a-b) (a >= b, else 0); qdec [H, B] = scale * lambda^(a+1);
+    kdec [H, 3, B] and sdec [H, 3, dim_k] have one row per kind of block: 0 a full block
+    (lambda^(B-1-a); lambda^B), 1 the last real block of length m (lambda^(m-1-a) for a < m, else 0;
+    lambda^m), 2 a padding block past the end (0; 1: the state passes through unchanged)."""
+    rates = rates.astype(jnp.float32)[:, None]
+    last = length - (pl.cdiv(length, block) - 1) * block
+    a = jnp.arange(block, dtype=jnp.float32)
+    lag = a[:, None] - a[None, :]
+    mask = scale * jnp.exp(jnp.where(lag >= 0, -rates[:, :, None] * lag, -jnp.inf))
+    qdec = scale * jnp.exp(-rates * (a + 1))
+    kdec = jnp.stack(
+        [
+            jnp.exp(-rates * (block - 1 - a)),
+            jnp.exp(jnp.where(a < last, -rates * (last - 1 - a), -jnp.inf)),
+            jnp.zeros_like(rates * a),
+        ],
+        axis=1,
+    )
+    sdec = jnp.exp(-rates * jnp.array([block, last, 0], jnp.float32))
+    sdec = jnp.broadcast_to(sdec[:, :, None], (len(rates), 3, dim_k))
+    return mask, qdec, kdec, sdec
+
+
+def _pad_to(x, axis, multiple):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _interpret_params(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    if interpret is False or interpret is None:
+        return None
+    return interpret  # an InterpretGPUParams
+
+
+def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
+           has_s0, warp_specialized, interpret):
+    """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
+    sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
+    piece's state after its last block."""
+    batch, _, heads, dk, dv = shape
+    rows = batch * pieces
+    rows_per_program = math.gcd(rows, rows_per_program)
+    common = dict(block=block, blocks_per_piece=blocks_per_piece, real_blocks=real_blocks, pieces=pieces,
+                  rows_per_program=rows_per_program, dim_k=dk, tile_v=_TILE, stages=stages, has_s0=has_s0)
+    warp_specialized = warp_specialized and outputs
+    if warp_specialized:
+        kernel = functools.partial(_kernel_ws, **common)
+    else:
+        kernel = functools.partial(_kernel, tiles=dv // _TILE, outputs=outputs, **common)
+    states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
+    o = jax.ShapeDtypeStruct((batch, pieces * blocks_per_piece * block, heads, dv), args[0].dtype)
+    return plgpu.kernel(
+        kernel,
+        out_type=(o, states) if outputs else states,
+        grid=(dv // _TILE, heads, rows // rows_per_program),
+        grid_names=("tile", "head", "rows"),
+        **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=_interpret_params(interpret),
+    )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret"))
+def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
+            stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False):
+    """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
+
+    Args:
+      q, k: [batch, time, heads, dim_k] bfloat16 or float16; v: [batch, time, heads, dim_v], same dtype.
+      rates: [heads] decay rates >= 0.
+      initial_state: optional fp32 [batch, heads, dim_k, dim_v], the state before the first token.
+      block: tokens per block, a positive multiple of 64 (wgmma's M).
+      scale: multiplies q (folded into the fp32 decay tables, q itself is never rescaled).
+      pieces: cut each sequence into this many pieces of whole blocks that run as separate
+        programs, for grids too small to fill the GPU (few heads, long sequences). A first kernel
+        computes the state each piece adds (reading k and v of all but the last piece), a scan over
+        pieces gives each piece its starting state, then the forward runs on every piece at once.
+        Capped at the number of blocks.
+      stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing.
+      rows_per_program: each program sweeps this many rows (pieces of sequences) one after the
+        other, the loads running ahead across rows: fewer, longer programs for short sequences.
+        Reduced to a divisor of batch * pieces.
+      warp_specialized: run the output sweep as three warpgroups (memory, state, output; see
+        `_kernel_ws`) instead of one.
+      interpret: False compiles for the GPU (or cross-lowers on a CPU); True or a
+        `plgpu.InterpretGPUParams` runs GPU interpret mode (any backend, slow). When interpreting,
+        `jax.block_until_ready` the result before dispatching other JAX work: on jax 0.11.2 the
+        interpreter's host callbacks run jax ops themselves and can deadlock behind it on XLA:CPU.
+
+    Returns:
+      (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]).
+      Any length works (padding at the end is exact); dim_k and dim_v are zero-padded to
+      multiples of 64 inside.
+    """
+    batch, time, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected [batch, time, heads, dim]")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a 16-bit dtype (bfloat16/float16), got {q.dtype}, {k.dtype}, {v.dtype}")
+    if rates.shape != (heads,):
+        raise ValueError(f"rates: expected shape ({heads},), got {rates.shape}")
+    if initial_state is not None and initial_state.shape != (batch, heads, dim_k, dim_v):
+        raise ValueError(f"initial_state: expected {(batch, heads, dim_k, dim_v)}, got {initial_state.shape}")
+    if block <= 0 or block % _TILE:
+        raise ValueError(f"block must be a positive multiple of {_TILE}, got {block}")
+    if pieces < 1 or stages not in (1, 2):
+        raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
+    if time == 0:
+        raise ValueError("time must be positive")
+
+    real_blocks = pl.cdiv(time, block)
+    blocks_per_piece = pl.cdiv(real_blocks, pieces)
+    pieces = pl.cdiv(real_blocks, blocks_per_piece)  # padding lies in the last piece only
+    padded = pieces * blocks_per_piece * block
+    q, k = (_pad_to(_pad_to(x, 1, padded), 3, _TILE) for x in (q, k))
+    v = _pad_to(_pad_to(v, 1, padded), 3, _TILE)
+    dk, dv = q.shape[-1], v.shape[-1]
+    mask, qdec, kdec, sdec = decay_tables(rates, block=block, length=time, dim_k=dk, scale=scale)
+    s0 = None
+    if initial_state is not None:
+        s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, dk - dim_k), (0, dv - dim_v)))
+    common = dict(block=block, stages=stages, real_blocks=real_blocks, rows_per_program=rows_per_program,
+                  warp_specialized=warp_specialized, interpret=interpret)
+
+    if pieces > 1:
+        # The state each piece but the last adds from a zero start, then each piece's start state.
+        # Every piece but the last is whole, so each ages the state by lambda^(blocks_per_piece * block).
+        head = pieces - 1
+        adds = _sweep(
+            [k[:, : head * blocks_per_piece * block], v[:, : head * blocks_per_piece * block], kdec, sdec],
+            outputs=False, shape=(batch, time, heads, dk, dv), pieces=head, blocks_per_piece=blocks_per_piece,
+            has_s0=False, **common,
+        )
+        age = jnp.exp(-rates.astype(jnp.float32) * (blocks_per_piece * block))[:, None, None]
+        start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s0 is None else s0
+
+        def link(state, add):
+            return age * state + add, state
+
+        _, starts = lax.scan(link, start, jnp.moveaxis(adds, 1, 0))  # starts of pieces 0 .. pieces - 2
+        last_start = age * starts[-1] + adds[:, -1]
+        s0 = jnp.concatenate([jnp.moveaxis(starts, 0, 1), last_start[:, None]], axis=1)
+    elif s0 is not None:
+        s0 = s0[:, None]
+
+    args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
+    o, finals = _sweep(
+        args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
+        has_s0=s0 is not None, **common,
+    )
+    return o[:, :time, :, :dim_v], finals[:, -1, :, :dim_k, :dim_v]

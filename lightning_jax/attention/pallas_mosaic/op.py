@@ -1,0 +1,100 @@
+"""The entry point `lightning_attention_mosaic`: the Mosaic GPU forward in a `custom_vjp` whose
+gradients come from the Pallas-Triton kernels, and `MosaicConfig`, its knobs.
+
+A call that is not differentiated runs the Mosaic forward. Under `jax.grad`/`jax.vjp` the forward
+runs as the Triton forward instead, because the Triton backward needs its per-chunk states (the
+residuals R^(j)), which the Mosaic forward does not produce yet. Both forwards compute the same
+function (each checked against the fp32 reference on the GPU, docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+
+from lightning_jax import checks
+from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, launch_plan
+from lightning_jax.attention.pallas_mosaic.kernels import forward
+from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
+from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_fwd
+from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
+
+def _sm_count() -> int:
+    if jax.default_backend() == "gpu":
+        count = getattr(jax.devices()[0], "core_count", None)
+        if isinstance(count, int) and count > 0:
+            return count
+    return 132  # an H100/H200 SXM: plans made without a GPU (cross-lowering, interpret mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(settings, plan, q, k, v, rates, s_in):
+    return forward(q, k, v, rates, s_in, **dict(settings))
+
+
+def _attention_fwd(settings, plan, q, k, v, rates, s_in):
+    return _triton_fwd(plan, q, k, v, rates, s_in)
+
+
+def _attention_bwd(settings, plan, residuals, cotangents):
+    return _triton_bwd(plan, residuals, cotangents)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def lightning_attention_mosaic(
+    q,
+    k,
+    v,
+    rates,
+    initial_state,
+    *,
+    scale: float = 1.0,
+    block_size: int | None = None,
+    config: MosaicConfig | None = None,
+    interpret: bool | None = None,
+    segment_ids=None,
+):
+    """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Pallas-Triton kernels. Shapes as
+    in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two stages
+    (<= 192 with `MosaicConfig(stages=1)`), any dim_v, any length. No segment ids yet.
+
+    `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
+    interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
+    default backend is not a GPU."""
+    if segment_ids is not None:
+        raise checks.ArgumentError(
+            "segment_ids", "got segment ids, which 'pallas_mosaic' does not take yet; use 'pallas' (it runs them "
+            "with the Triton kernels)"
+        )
+    if q.dtype.itemsize != 2:
+        raise checks.ArgumentError("q", f"got dtype {q.dtype}, expected bfloat16 or float16 for 'pallas_mosaic'")
+    if block_size not in (None, MOSAIC_BLOCK):
+        raise checks.ArgumentError("block_size", f"got {block_size}, expected None or {MOSAIC_BLOCK} for 'pallas_mosaic'")
+    config = MosaicConfig() if config is None else config
+    stages_limit = 128 if config.stages == 2 else 192
+    if q.shape[-1] > stages_limit:
+        raise checks.ArgumentError(
+            "q", f"got dim_k {q.shape[-1]}, expected <= {stages_limit} for 'pallas_mosaic' with stages={config.stages} "
+            "(shared memory); use 'pallas_triton' or 'pallas', which chooses"
+        )
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    batch, time, heads, _ = q.shape
+    pieces, rows = launch_plan(batch, time, heads, v.shape[-1], _sm_count())
+    settings = (
+        ("block", MOSAIC_BLOCK),
+        ("scale", float(scale)),
+        ("stages", config.stages),
+        ("warp_specialized", config.warp_specialized),
+        ("pieces", config.pieces or pieces),
+        ("rows_per_program", config.rows_per_program or rows),
+        ("interpret", interpret),
+    )
+    plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
+    rates = lax.optimization_barrier(rates.astype(jax.numpy.float32))
+    if initial_state is not None:
+        initial_state = initial_state.astype(jax.numpy.float32)
+    return _attention(settings, plan, q, k, v, rates, initial_state)
