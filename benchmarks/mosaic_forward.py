@@ -1,10 +1,15 @@
 """The Pallas Mosaic GPU forward on a Hopper GPU: correctness against the fp32 chunked reference,
-then its speed per (stages, pieces) against our Triton forward and jla's, in one process.
+then the forward's speed: the op as users call it ("pallas", which picks the Mosaic forward where
+it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forward, and, with
+--variants, kernel launch layouts by name, all in one process.
 
-    PYTHONPATH=$PWD python3 benchmarks/mosaic_forward.py [--shapes 1x65536x16x128,...] [--out F.json]
+    PYTHONPATH=$PWD python3 benchmarks/mosaic_forward.py [--shapes 1x65536x16x128,...] [--variants all]
+        [--out F.json]
 
-Timing as in attention.py: back-to-back calls with one sync per batch of calls, medians of 9.
-Every timed row is the forward alone (o; the final state is computed but not returned).
+A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
+the rows per program: w2p4g1. Timing as in attention.py: back-to-back calls with one sync per batch
+of calls, medians of 9. Every timed row is the forward alone (o; the final state is computed but not
+returned): under jax.grad "pallas" runs the Triton forward, so its forward+backward is attention.py's.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jax.numpy as jnp
 sys.path.insert(0, "benchmarks")
 from attention import FAMILY_A, chunked_reference, copy_bandwidth, jax_variants, log, rel_err, time_jax  # noqa: E402
 
+from lightning_jax.attention import lightning_attention  # noqa: E402
+from lightning_jax.attention.pallas import choose_backend  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
@@ -31,7 +38,9 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
     (6, 300, 2, 64, 64, True, 2, 2, True),
     (1, 2048, 2, 192, 64, False, 1, 1, False),
 ]
-SHAPES = FAMILY_A + [(1, 8192, 96, 128), (4, 2048, 16, 128), (8, 1024, 8, 64)]
+SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
+                     (8, 2048, 32, 256), (8, 1024, 8, 64)]
+OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2"]
 
@@ -51,14 +60,29 @@ def check(case):
     return rel_err(o, want_o), rel_err(final, want_final)
 
 
-def time_shape(shape):
+def check_op(shape):
+    """The undifferentiated op as users call it, against the reference (initial state included)."""
+    batch, time, heads, dim = shape
+    keys = jax.random.split(jax.random.PRNGKey(time), 4)
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:3])
+    s0 = jax.random.normal(keys[3], (batch, heads, dim, dim), jnp.float32)
+    rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
+    op = lambda q, k, v, r, s: lightning_attention(q, k, v, r, initial_state=s, return_final_state=True,
+                                                   implementation="pallas")
+    o, final = jax.jit(op)(q, k, v, rates, s0)
+    want_o, want_final = jax.jit(chunked_reference)(*(x.astype(jnp.float32) for x in (q, k, v)), rates, s0)
+    return rel_err(o, want_o), rel_err(final, want_final)
+
+
+def time_shape(shape, variants):
     batch, time, heads, dim = shape
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(1), 6)
     arg_sets = [tuple(jax.random.normal(keys[3 * s + i], shape, jnp.bfloat16) for i in range(3)) for s in range(2)]
     row = {}
     peers = jax_variants(shape, rates)
-    for name in ("pallas", "jla"):
+    peers["pallas_triton"] = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_triton")
+    for name in ("pallas", "pallas_triton", "jla"):
         if name in peers:
             try:
                 row[name] = time_jax(jax.jit(peers[name]), arg_sets)
@@ -66,7 +90,7 @@ def time_shape(shape):
                 row[name] = repr(e)[:200]
     blocks = -(-time // 64)
     programs = batch * heads * (dim // 64)
-    for name in VARIANTS:
+    for name in variants:
         ws, stages = name[0] == "w", int(name[1])
         pieces, rows = (int(x) for x in name[3:].split("g"))
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
@@ -88,24 +112,29 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated BxTxHxD (default: family a and three of b)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--variants", default="", help="comma-separated kernel variants to time, or 'all'")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {}}
-    if not args.skip_check:
-        for case in CHECKS:
-            try:
-                err_o, err_s = check(case)
-                results["checks"].append(dict(case=list(case), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
-            except Exception as e:  # noqa: BLE001
-                results["checks"].append(dict(case=list(case), error=repr(e)[:500]))
-            log("check", results["checks"][-1])
+    for case in [] if args.skip_check else CHECKS:  # the kernels
+        try:
+            err_o, err_s = check(case)
+            results["checks"].append(dict(case=list(case), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
+        except Exception as e:  # noqa: BLE001
+            results["checks"].append(dict(case=list(case), error=repr(e)[:500]))
+        log("check", results["checks"][-1])
+    for shape in OP_CHECKS:  # the op as users call it
+        err_o, err_s = check_op(shape)
+        results["checks"].append(dict(op_shape=list(shape), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
+        log("check", results["checks"][-1])
     results["bandwidth"] = copy_bandwidth()
     for shape in shapes:
-        results["times"]["x".join(map(str, shape))] = time_shape(shape)
+        variants = VARIANTS if args.variants == "all" else [v for v in args.variants.split(",") if v]
+        results["times"]["x".join(map(str, shape))] = time_shape(shape, variants)
         if args.out:
             json.dump(results, open(args.out, "w"), indent=1)
     log(f"copy bandwidth {results['bandwidth'] / 1e12:.2f} TB/s")
-    log(f"{'shape':18s} {'floor':>6s} {'triton':>7s} {'jla':>7s} {'best':>7s} best-of  | all mosaic (ms)")
+    log(f"{'shape':18s} {'floor':>6s} {'pallas':>7s} backend {'triton':>7s} {'jla':>7s} {'best':>7s} best-of  | variants (ms)")
     for key, row in results["times"].items():
         b, t, h, d = map(int, key.split("x"))
         floor = 4 * b * t * h * d * 2 / results["bandwidth"] * 1e3
@@ -113,7 +142,9 @@ def main():
         mos = {k: v for k, v in ms.items() if k[0] in "sw" and k[1].isdigit()}
         best = min(mos, key=mos.get) if mos else "-"
         fmt = lambda x: f"{x:7.3f}" if isinstance(x, float) else f"{'-':>7s}"
-        log(f"{key:18s} {floor:6.3f} {fmt(ms.get('pallas'))} {fmt(ms.get('jla'))} {fmt(mos.get(best))} {best:7s} | "
+        backend = choose_backend((b, t, h, d), d, jnp.bfloat16)
+        log(f"{key:18s} {floor:6.3f} {fmt(ms.get('pallas'))} {backend:7s} {fmt(ms.get('pallas_triton'))} "
+            f"{fmt(ms.get('jla'))} {fmt(mos.get(best))} {best:7s} | "
             + " ".join(f"{k}={v:.3f}" for k, v in mos.items()))
 
 

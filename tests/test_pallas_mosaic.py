@@ -225,18 +225,21 @@ def test_config_checks(field, value, match):
 
 
 def test_pallas_chooses_mosaic_where_it_covers_the_call():
-    hopper = dict(interpret=False, capability="9.0")
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, **hopper) == "mosaic"
-    assert choose_backend((2, 4096, 16, 64), jnp.float16, block_size=64, **hopper) == "mosaic"
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=False, capability="8.0") == "triton"
-    assert choose_backend((2, 4096, 16, 128), jnp.float32, **hopper) == "triton"
-    assert choose_backend((2, 4096, 16, 256), jnp.bfloat16, **hopper) == "triton"
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, segments=True, **hopper) == "triton"
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, block_size=128, **hopper) == "triton"
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=True, capability="9.0") == "triton"
+    hopper = dict(interpret=False, capability="9.0", sm_count=132)
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, **hopper) == "mosaic"  # 256 programs
+    assert choose_backend((16, 4096, 8, 64), 64, jnp.float16, block_size=64, **hopper) == "mosaic"  # 128
+    assert choose_backend((2, 16384, 16, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 64 programs
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=False, capability="8.0",
+                          sm_count=108) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.float32, **hopper) == "triton"
+    assert choose_backend((2, 4096, 64, 256), 256, jnp.bfloat16, **hopper) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, segments=True, **hopper) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, block_size=128, **hopper) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=True, capability="9.0",
+                          sm_count=132) == "triton"
     # Without a GPU (this machine): Triton, also when only lowering for one.
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16) == "triton"
-    assert choose_backend((2, 4096, 16, 128), jnp.bfloat16, interpret=False) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=False) == "triton"
 
 
 def _lower(time, dim_k, dim_v, initial_state, **kw):

@@ -16,28 +16,37 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig
 # of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
 MOSAIC_CAPABILITIES = ("9.0",)
 MOSAIC_MAX_DIM_K = 128
+FULL_GRID = 0.9  # programs per SM from which the Mosaic forward needs no pieces (launch_plan)
 
 
-def choose_backend(q_shape, dtype, *, segments: bool = False, block_size: int | None = None,
-                   interpret: bool | None = None, capability: str | None = None) -> str:
+def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_size: int | None = None,
+                   interpret: bool | None = None, capability: str | None = None, sm_count: int | None = None) -> str:
     """"mosaic" or "triton": the backend "pallas" runs a call's forward with.
 
-    `capability` is the GPU's compute capability ("9.0" for an H100/H200); None reads it from the
-    first device when the default backend is a GPU. Interpret mode always uses Triton (the Mosaic
-    interpreter is far slower), and so do packed documents (segment ids), a block size other than
-    the Mosaic forward's 64, 32-bit operands and dim_k > 128."""
+    `capability` is the GPU's compute capability ("9.0" for an H100/H200) and `sm_count` its number
+    of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
+    in interpret mode (the Mosaic interpreter is far slower), packed documents (segment ids), a block
+    size other than the Mosaic forward's 64, 32-bit operands, dim_k > 128, and calls with fewer
+    (batch x head x 64-wide value tile) programs than about one per SM. There the Mosaic forward has
+    to cut sequences into pieces and read k and v twice, and measured slower on an H200
+    (docs/kernels.md): 2 x 16,384 x 16 heads 0.35 ms against Triton's 0.28."""
     if interpret or (interpret is None and jax.default_backend() != "gpu"):
         return "triton"
-    if capability is None:
+    if capability is None or sm_count is None:
         if jax.default_backend() != "gpu":
             return "triton"  # lowering for a GPU from a CPU-only process: no device to ask
-        capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+        device = jax.devices()[0]
+        capability = str(getattr(device, "compute_capability", "")) if capability is None else capability
+        sm_count = int(getattr(device, "core_count", 0) or 0) if sm_count is None else sm_count
+    batch, _, heads, dim_k = q_shape
+    programs = batch * heads * -(-dim_v // 64)
     covered = (
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2
-        and q_shape[-1] <= MOSAIC_MAX_DIM_K
+        and dim_k <= MOSAIC_MAX_DIM_K
         and not segments
         and block_size in (None, 64)
+        and programs >= FULL_GRID * sm_count
     )
     return "mosaic" if covered else "triton"
 
@@ -57,7 +66,7 @@ def lightning_attention_pallas(
 ):
     """Shapes as in `lightning_jax.attention.registry`. `config` tunes the Triton kernels (the
     backward always, the forward where Triton runs it)."""
-    backend = choose_backend(q.shape, q.dtype, segments=segment_ids is not None, block_size=block_size,
+    backend = choose_backend(q.shape, v.shape[-1], q.dtype, segments=segment_ids is not None, block_size=block_size,
                              interpret=interpret)
     if backend == "mosaic":
         from lightning_jax.attention.pallas_mosaic import MosaicConfig, lightning_attention_mosaic
