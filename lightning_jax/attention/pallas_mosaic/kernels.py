@@ -1,27 +1,30 @@
-"""Lightning Attention forward as a Pallas Mosaic GPU kernel (Hopper), first and simplest version.
+"""Lightning Attention's forward as Pallas Mosaic GPU kernels (Hopper).
 
-One program (CTA, one warpgroup) per (value tile, head, batch). It walks the sequence in blocks of
-`block` tokens, carrying the true fp32 state S (convention B of docs/lightning-math.md: S after the
-block's last token, S_in before the first block) in registers::
+Programs run over (64-wide value tile, head, group of rows), a row being one piece of one sequence
+(`forward`'s `pieces`, `rows_per_program`). Each walks its rows in blocks of `block` tokens,
+carrying the true fp32 state S (convention B of docs/lightning-math.md: S after the block's last
+token, S_in before the first block) in registers::
 
     O_i     = ((Q_i K_i^T) * D) V_i + diag(lambda^(a+1)) Q_i S            D[a, b] = lambda^(a-b), a >= b
     S      <- lambda^m S + K_i^T diag(lambda^(m-1-a)) V_i                 m = real length of block i
 
-Every block has m = block except the last one, whose tokens past the end are zero padding (zero k
-and v add nothing, and the last block uses its real length m in both decays, so the padding does
-not age the state: the final state is exact for any length).
+Every block has m = block except the last real one, whose tokens past the end are zero padding
+(zero k and v add nothing, and it uses its real length m in both decays, so the padding does not
+age the state); whole padding blocks after it (when the length is cut into equal pieces) decay
+nothing. The final state is exact for any length.
 
 All decays are built in the wrapper in fp32 as exp(-rate * delta) with delta >= 0 (masked exponent),
-as small per-head tables that each program copies into shared memory once: the intra-block mask
-D (times `scale`), the q decays lambda^(a+1) (times `scale`), the k decays and the block decay for
-a full block and for the last block.
+as small per-head tables that each program copies into shared memory once (`decay_tables`).
 
-The Triton kernels use convention A (the state aged to the block's first token); here the state
-lives in registers for the whole sweep, and convention B gives the ragged final state exactly
-without dividing by lambda. Both are right; mixing them within a kernel is the bug to avoid.
+Two kernels: `_kernel`, one warpgroup that loads and computes in turn (the next block's loads in
+flight with two stages); it also computes the states pieces add (k and v only). `_kernel_ws`, three
+warpgroups (memory, state, output) for the outputs. The Triton kernels use convention A (the
+state aged to the block's first token); here the state lives in registers for the whole sweep, and
+convention B gives the ragged final state exactly without dividing by lambda. Both are right;
+mixing them within a kernel is the bug to avoid.
 
-Status: tested in GPU interpret mode on CPU and cross-lowered for sm_90 (tests/test_pallas_mosaic.py);
-not yet run on a GPU, not registered as an implementation of `lightning_attention`, forward only.
+Tests: GPU interpret mode on CPU (race detector on) and cross-lowering for sm_90
+(tests/test_pallas_mosaic.py); GPU correctness and speed: benchmarks/mosaic_forward.py.
 
 Every matmul goes through `_mm`: wgmma with both operands in shared memory into a scoped
 accumulator, the form GPU interpret mode supports (it has no rule for A from registers nor for
@@ -71,7 +74,7 @@ def _rows(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [0])
 
 
-def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, tiles, dim_k, tile_v, stages,
+def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
             has_s0, outputs):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
@@ -427,7 +430,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, **common)
     else:
-        kernel = functools.partial(_kernel, tiles=dv // _TILE, outputs=outputs, **common)
+        kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
     o = jax.ShapeDtypeStruct((batch, pieces * blocks_per_piece * block, heads, dv), args[0].dtype)
     return plgpu.kernel(
