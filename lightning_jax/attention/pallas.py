@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from lightning_jax.attention.pallas_triton.config import TritonConfig
+from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 
 # The Mosaic forward's limits: Hopper's wgmma and TMA, 16-bit operands, dim_k that fits two stages
 # of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
@@ -35,9 +35,9 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
     if capability is None or sm_count is None:
         if jax.default_backend() != "gpu":
             return "triton"  # lowering for a GPU from a CPU-only process: no device to ask
-        device = jax.devices()[0]
-        capability = str(getattr(device, "compute_capability", "")) if capability is None else capability
-        sm_count = int(getattr(device, "core_count", 0) or 0) if sm_count is None else sm_count
+        facts = gpu_facts()
+        capability = facts.capability if capability is None else capability
+        sm_count = facts.sm_count if sm_count is None else sm_count
     batch, _, heads, dim_k = q_shape
     programs = batch * heads * -(-dim_v // 64)
     covered = (

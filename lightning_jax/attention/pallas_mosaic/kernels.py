@@ -74,6 +74,50 @@ def _rows(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [0])
 
 
+def _walker(first_row, blocks_per_piece, pieces):
+    """Step n of a program whose rows start at `first_row` -> (batch row, piece, block of the
+    whole sequence). A row is one piece of one sequence; each has `blocks_per_piece` blocks."""
+
+    def where(n):
+        row = first_row + n // blocks_per_piece
+        piece = row % pieces
+        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+
+    return where
+
+
+def _block_decays(kdec_s, sdec_s, g, real_blocks):
+    """The k decays [block] and the state decay [dim_k] of global block g: table row 0 a full
+    block, 1 the last real block (ragged), 2 padding (no decay)."""
+    kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
+    layout = plgpu.Layout.WGMMA.reduce(1)
+    return plgpu.load(kdec_s.at[kind], layout=layout), plgpu.load(sdec_s.at[kind], layout=layout)
+
+
+def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_ref, st_s, barrier, h, cols):
+    """Runs `step(n, s) -> s` over a program's rows in turn: each row starts from its initial
+    state (s0_ref, or zeros when None), and its state after the last block goes to sf_ref, both
+    through the fp32 buffer st_s [dim_k, tile_v]."""
+    wgmma = plgpu.Layout.WGMMA
+
+    def row_sweep(r, carry):
+        b, piece, _ = where(r * blocks_per_piece)
+        if s0_ref is not None:
+            plgpu.copy_gmem_to_smem(s0_ref.at[b, piece, h, :, cols], st_s, barrier)
+            plgpu.barrier_wait(barrier)
+            s = plgpu.load(st_s, layout=wgmma)
+        else:
+            s = plgpu.layout_cast(jnp.zeros(st_s.shape, jnp.float32), wgmma)
+        s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
+        st_s[...] = s
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is reused by the next row
+        return carry
+
+    lax.fori_loop(0, rows_per_program, row_sweep, 0)
+
+
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
             has_s0, outputs):
     refs = list(refs)
@@ -87,18 +131,12 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     dt = k_ref.dtype
     j = lax.axis_index("tile")
     h = lax.axis_index("head")
-    first_row = lax.axis_index("rows") * rows_per_program
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     streams = 3 if outputs else 2  # q, k, v (or k, v) per pipeline slot
     steps = rows_per_program * blocks_per_piece
-
-    def where(n):
-        """Step n of this program -> (batch row, piece, block of the whole sequence)."""
-        row = first_row + n // blocks_per_piece
-        piece = row % pieces
-        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, bars, tbars):
         def issue(n, slot):
@@ -138,10 +176,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
                 def _():
                     issue(n + 1, (n + 1) % stages)
 
-            # Table row: 0 a full block, 1 the last real block (ragged), 2 padding (no decay).
-            kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
-            kdec = plgpu.load(kdec_s.at[kind], layout=row_layout)  # [block]
-            sdec = plgpu.load(sdec_s.at[kind], layout=row_layout)  # [dim_k]
+            kdec, sdec = _block_decays(kdec_s, sdec_s, g, real_blocks)
             if outputs:
                 r_s[...] = s.astype(dt)  # the bf16 state for Q S while the copies fly
             for t in range(streams):
@@ -164,22 +199,8 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is reused by the next block
             return s
 
-        def row_sweep(r, carry):
-            b, piece, _ = where(r * blocks_per_piece)
-            if s0_ref is not None:
-                plgpu.copy_gmem_to_smem(s0_ref.at[b, piece, h, :, cols], st_s, tbars.at[0])
-                plgpu.barrier_wait(tbars.at[0])
-                s = plgpu.load(st_s, layout=wgmma)
-            else:
-                s = plgpu.layout_cast(jnp.zeros((dim_k, tile_v), jnp.float32), wgmma)
-            s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
-            st_s[...] = s
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is reused by the next row
-            return carry
-
-        lax.fori_loop(0, rows_per_program, row_sweep, 0)
+        _sweep_rows(step, where, rows_per_program=rows_per_program, blocks_per_piece=blocks_per_piece,
+                    s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[0], h=h, cols=cols)
         plgpu.wait_smem_to_gmem(0)
 
     scratch = dict(
@@ -227,16 +248,11 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     j = lax.axis_index("tile")
     h = lax.axis_index("head")
     wg = lax.axis_index("wg")
-    first_row = lax.axis_index("rows") * rows_per_program
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     steps = rows_per_program * blocks_per_piece
-
-    def where(n):
-        row = first_row + n // blocks_per_piece
-        piece = row % pieces
-        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, full, consumed, ready,
                free, tbars, done):
@@ -272,10 +288,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
 
             def step(n, s):
                 slot = n % stages
-                _, _, g = where(n)
-                kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
-                kdec = plgpu.load(kdec_s.at[kind], layout=row_layout)
-                sdec = plgpu.load(sdec_s.at[kind], layout=row_layout)
+                kdec, sdec = _block_decays(kdec_s, sdec_s, where(n)[2], real_blocks)
 
                 @pl.when(n >= 2)
                 def _():
@@ -293,22 +306,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.barrier_arrive(consumed.at[slot])
                 return s
 
-            def row_sweep(r, carry):
-                b, piece, _ = where(r * blocks_per_piece)
-                if s0_ref is not None:
-                    plgpu.copy_gmem_to_smem(s0_ref.at[b, piece, h, :, cols], st_s, tbars.at[4])
-                    plgpu.barrier_wait(tbars.at[4])
-                    s = plgpu.load(st_s, layout=wgmma)
-                else:
-                    s = plgpu.layout_cast(jnp.zeros((dim_k, tile_v), jnp.float32), wgmma)
-                s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
-                st_s[...] = s
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # st_s is reused by the next row
-                return carry
-
-            lax.fori_loop(0, rows_per_program, row_sweep, 0)
+            _sweep_rows(step, where, rows_per_program=rows_per_program, blocks_per_piece=blocks_per_piece,
+                        s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[4], h=h, cols=cols)
             for n in range(max(steps - 2, 0), steps):  # the output warpgroup's last frees
                 plgpu.barrier_wait(free.at[n % 2])
             plgpu.wait_smem_to_gmem(0)

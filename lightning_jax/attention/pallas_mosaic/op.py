@@ -12,22 +12,16 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from lightning_jax import checks
 from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, launch_plan
 from lightning_jax.attention.pallas_mosaic.kernels import forward
+from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
 from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_fwd
 from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
-
-def _sm_count() -> int:
-    if jax.default_backend() == "gpu":
-        count = getattr(jax.devices()[0], "core_count", None)
-        if isinstance(count, int) and count > 0:
-            return count
-    return 132  # an H100/H200 SXM: plans made without a GPU (cross-lowering, interpret mode)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(settings, plan, q, k, v, rates, s_in):
@@ -83,7 +77,8 @@ def lightning_attention_mosaic(
         )
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     batch, time, heads, _ = q.shape
-    pieces, rows = launch_plan(batch, time, heads, v.shape[-1], _sm_count())
+    # Without a GPU (cross-lowering, interpret mode) gpu_facts() plans for an H100/H200.
+    pieces, rows = launch_plan(batch, time, heads, v.shape[-1], gpu_facts().sm_count)
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
@@ -94,7 +89,7 @@ def lightning_attention_mosaic(
         ("interpret", interpret),
     )
     plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
-    rates = lax.optimization_barrier(rates.astype(jax.numpy.float32))
+    rates = lax.optimization_barrier(rates.astype(jnp.float32))
     if initial_state is not None:
-        initial_state = initial_state.astype(jax.numpy.float32)
+        initial_state = initial_state.astype(jnp.float32)
     return _attention(settings, plan, q, k, v, rates, initial_state)

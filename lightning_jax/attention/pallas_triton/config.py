@@ -36,6 +36,7 @@ class GpuFacts:
     name: str
     sm_count: int  # streaming multiprocessors: programs in flight = programs per SM x this
     smem_per_block: int  # bytes of shared memory one program may use (the opt-in maximum)
+    capability: str = ""  # CUDA compute capability, "9.0" for Hopper; "" when the device did not say
 
     @property
     def smem_budget(self) -> int:
@@ -45,7 +46,7 @@ class GpuFacts:
 
 # The default when no GPU is attached (interpret mode, or lowering for an abstract device on a
 # CPU): an H100 / H200 SXM, the GPUs the defaults were tuned on.
-HOPPER = GpuFacts("H100/H200 (sm_90)", sm_count=132, smem_per_block=227 * 1024)
+HOPPER = GpuFacts("H100/H200 (sm_90)", sm_count=132, smem_per_block=227 * 1024, capability="9.0")
 
 # Opt-in shared memory per block by compute capability (CUDA programming guide, "Technical
 # Specifications per Compute Capability"). JAX exposes the SM count but not this.
@@ -78,9 +79,9 @@ def _facts_of(device: jax.Device) -> GpuFacts:
     sm_count = getattr(device, "core_count", None)
     capability = str(getattr(device, "compute_capability", ""))
     if not isinstance(sm_count, int) or sm_count < 1:
-        return HOPPER
+        return dataclasses.replace(HOPPER, capability=capability)  # the plan's facts, the device's capability
     smem = _SMEM_PER_BLOCK.get(capability, HOPPER.smem_per_block)
-    return GpuFacts(f"{device.device_kind} (sm_{capability.replace('.', '')})", sm_count, smem)
+    return GpuFacts(f"{device.device_kind} (sm_{capability.replace('.', '')})", sm_count, smem, capability)
 
 
 @dataclasses.dataclass(frozen=True)
