@@ -27,12 +27,6 @@ import sys
 import tempfile
 import time
 
-# XLA runs a step's kernels as CUDA graphs ("command buffers"), and a kernel inside one is traced
-# under the buffer's name instead of its HLO instruction: turn them off so that every kernel can be
-# attributed (this profile's step time is a little longer than a normal step's).
-if "--command-buffers" not in sys.argv:
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -138,6 +132,12 @@ def main() -> int:
                         help="keep XLA's CUDA graphs (kernels inside them cannot be attributed)")
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     args = parser.parse_args()
+    # XLA runs a step's kernels as CUDA graphs ("command buffers"), and a kernel inside one is traced
+    # under the buffer's name instead of its HLO instruction: turn them off so that every kernel can be
+    # attributed (this profile's step time is a little longer than a normal step's). Set here, before
+    # JAX starts, not on import: other scripts import this module's helpers.
+    if not args.command_buffers:
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
     import jax
     import numpy as np

@@ -612,3 +612,83 @@ def test_relayout_keeps_shardings():
     for (path, var), (_, scanned_var) in zip(_flat(again), _flat(scanned), strict=True):
         assert var[...].sharding == scanned_var[...].sharding, path
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(scanned_var[...]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Projection weights with their input axes last (layers.inputs_last, the decoding layout).
+
+INPUTS_LAST = {
+    # name -> (leading axes contracted with the input, permutation of a weight with them last)
+    "qkvu": (1, (1, 2, 3, 0)), "qkv": (1, (1, 2, 3, 0)), "out": (2, (2, 0, 1)), "w12": (1, (1, 2, 0)),
+    "w3": (1, (1, 0)), "lm_head": (1, (1, 0)),
+}
+
+
+@pytest.mark.parametrize("config", [
+    dataclasses.replace(TNL_TEST, lrpe_layers=(0,), tie_embeddings=False),
+    dataclasses.replace(TNL_TEST, output_gate=False, attention_activation="relu"),
+    TRANSFORMER_TEST,
+    dataclasses.replace(TRANSFORMER_TEST, tie_embeddings=False),
+], ids=["tnl-lrpe-untied", "tnl-no-gate", "transformer", "transformer-untied"])
+def test_inputs_last_transposes_projections_and_computes_the_same_function(config):
+    from lightning_jax.models.layers import inputs_last
+
+    model = build(config)
+    before = {path: np.asarray(var[...]) for path, var in _flat(model)}
+    moved = inputs_last(model)
+    names = set()
+    for (path, var), (_, original) in zip(_flat(moved), _flat(model), strict=True):
+        name = path[-1]
+        if name in INPUTS_LAST:
+            names.add(name)
+            inputs, perm = INPUTS_LAST[name]
+            assert var.get_metadata()["input_axes"] == original.get_metadata()["input_axes"]
+            assert len(original.get_metadata()["input_axes"]) == inputs and var.get_metadata()["inputs_last"]
+            np.testing.assert_array_equal(np.asarray(var[...]), np.transpose(before[path], perm))
+            assert var.get_metadata()["out_sharding"] == tuple(original.get_metadata()["out_sharding"][a] for a in perm)
+        else:  # norms, LRPE thetas, the embedding: the same arrays, not copies
+            assert "inputs_last" not in var.get_metadata() and var[...] is original[...]
+    assert names >= {"out", "w12", "w3"} and ("lm_head" in names) == (not config.tie_embeddings)
+    for path, var in _flat(model):  # the original is untouched
+        np.testing.assert_array_equal(np.asarray(var[...]), before[path])
+    assert inputs_last(moved) is moved
+
+    tokens = random_tokens(2, 13)
+    assert_close(forward(moved, tokens), forward(model, tokens), rtol=1e-5)
+    logits, cache = prefill(model, tokens)
+    moved_logits, moved_cache = prefill(moved, tokens)
+    assert_close(moved_logits, logits, rtol=1e-5)
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    assert_close(decode(moved, token, moved_cache)[0], decode(model, token, cache)[0], rtol=1e-5)
+
+
+def test_inputs_last_keeps_shardings_with_permuted_axes():
+    from lightning_jax.models.layers import inputs_last
+
+    config = dataclasses.replace(TNL_TEST, tie_embeddings=False)
+    mesh = make_mesh(2, 2, 2)  # data x fsdp x tensor
+    model = create_sharded_model(lambda: build(config), mesh)
+    moved = inputs_last(model)
+    checked = 0
+    for (path, var), (_, original) in zip(_flat(moved), _flat(model), strict=True):
+        sharding = original[...].sharding
+        if path[-1] in INPUTS_LAST:
+            spec = tuple(sharding.spec) + (None,) * (var.ndim - len(sharding.spec))
+            want = P(*(spec[a] for a in INPUTS_LAST[path[-1]][1]))
+            assert var[...].sharding == jax.NamedSharding(mesh, want), path
+            checked += any(axis is not None for axis in want)
+        else:
+            assert var[...].sharding == sharding, path
+    assert checked >= 4  # sharded weights were moved, not only replicated ones
+    tokens = random_tokens(4, 13)
+    with jax.set_mesh(mesh):
+        assert_close(forward(moved, tokens), forward(model, tokens), rtol=1e-5)
+
+
+def test_relayout_refuses_a_model_laid_out_for_decoding():
+    from lightning_jax.models import relayout
+    from lightning_jax.models.layers import inputs_last
+
+    moved = inputs_last(build(TNL_TEST))
+    with pytest.raises(ValueError, match="model: got a model laid out for decoding"):
+        relayout(moved, scan=True)

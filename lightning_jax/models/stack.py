@@ -313,6 +313,10 @@ def relayout(model: nnx.Module, scan: bool) -> nnx.Module:
     config = model.config
     if config.scan_layers == scan:
         return model
+    if any(isinstance(var, nnx.Param) and var.get_metadata().get("inputs_last") for _, var in nnx.iter_graph(model)):
+        raise ValueError("model: got a model laid out for decoding (projection weights with their input axes last, "
+                         "`layers.inputs_last`), expected one in the training layout: relayout the model first, "
+                         "then lay it out for decoding")
     target_config = dataclasses.replace(config, scan_layers=scan)
     layouts_from = tuple((path, tuple(s.layout)) for path, s in layer_stacks(model).items())
     source = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))]

@@ -92,15 +92,15 @@ class TokenMixer(nnx.Module):
         self.config = c
         # q, k, v and the gate u in one [D, 4, heads, head_dim] weight (q, k, v only without the gate).
         self.qkvu = layers.param(rngs, (c.hidden_dim, c.mixer_projections, c.num_heads, c.head_dim),
-                                 ("embed", None, "heads", None), c.param_dtype, c.init_std)
+                                 ("embed", None, "heads", None), c.param_dtype, c.init_std, inputs=1)
         self.out = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_dim), ("heads", None, "embed"),
-                                c.param_dtype, c.init_std)
+                                c.param_dtype, c.init_std, inputs=2)
         self.lrpe = (LRPE(c.num_heads, c.head_dim, param_dtype=c.param_dtype, rngs=rngs)
                      if c.uses_lrpe(layer) else None)
 
     def _project(self, x, positions, pad_mask):
         dtype = jnp.dtype(self.config.dtype)
-        q, k, v, *u = jnp.einsum("btd,dfhk->fbthk", x.astype(dtype), self.qkvu[...].astype(dtype))
+        q, k, v, *u = layers.project("btd,dfhk->fbthk", x, self.qkvu, dtype)
         u = u[0] if u else None  # None: no output gate
         activation = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}[self.config.attention_activation]
         if activation is not None:
@@ -115,7 +115,7 @@ class TokenMixer(nnx.Module):
     def _output(self, o, u):
         dtype = jnp.dtype(self.config.dtype)
         o = layers.srms_norm(o, self.config.norm_eps, axes=(-2, -1)).astype(dtype)
-        return jnp.einsum("bthk,hkd->btd", o if u is None else u * o, self.out[...].astype(dtype))
+        return layers.project("bthk,hkd->btd", o if u is None else u * o, self.out, dtype)
 
     @jax.named_scope("token_mixer")
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
@@ -198,7 +198,8 @@ class TNL(nnx.Module):
         self.groups = LayerStack(c.num_layers, lambda layer, r: TNLBlock(c, layer, rngs=r), kind=c.uses_lrpe,
                                  scan=c.scan_layers, remat=c.remat, rngs=rngs)
         self.lm_head = (None if c.tie_embeddings else
-                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
+                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std,
+                                     inputs=1))
 
     @property
     def groups_layout(self) -> tuple[tuple[int, int], ...]:

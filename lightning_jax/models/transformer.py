@@ -89,13 +89,13 @@ class Attention(nnx.Module):
         c = config
         self.config = c
         self.qkv = layers.param(rngs, (c.hidden_dim, 3, c.num_heads, c.head_dim), ("embed", None, "heads", None),
-                                c.param_dtype, c.init_std)
+                                c.param_dtype, c.init_std, inputs=1)
         self.out = layers.param(rngs, (c.num_heads, c.head_dim, c.hidden_dim), ("heads", None, "embed"),
-                                c.param_dtype, c.init_std)
+                                c.param_dtype, c.init_std, inputs=2)
 
     def _project(self, x, positions):
         c = self.config
-        q, k, v = jnp.einsum("btd,dfhk->fbthk", x, self.qkv[...].astype(c.dtype))
+        q, k, v = layers.project("btd,dfhk->fbthk", x, self.qkv, c.dtype)
         return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
@@ -108,7 +108,7 @@ class Attention(nnx.Module):
                 q, k, v, mask=mask, is_causal=is_causal, scale=1.0 / math.sqrt(c.head_dim),
                 implementation=implementation,
             )
-        return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(c.dtype))
+        return layers.project("bthk,hkd->btd", o, self.out, c.dtype)
 
     @jax.named_scope("token_mixer")
     def __call__(self, x, positions, pad_mask=None):
@@ -166,7 +166,8 @@ class Transformer(nnx.Module):
                                  remat=c.remat, rngs=rngs)
         self.final_norm = RMSNorm(c, rngs=rngs)
         self.lm_head = (None if c.tie_embeddings else
-                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std))
+                        layers.param(rngs, (c.hidden_dim, c.vocab_size), ("embed", "vocab"), c.param_dtype, c.init_std,
+                                     inputs=1))
 
     @property
     def groups_layout(self) -> tuple[tuple[int, int], ...]:
