@@ -3,6 +3,8 @@
     python benchmarks/profile_step.py                       # TNL-385M, 32 x 2,048 tokens
     python benchmarks/profile_step.py --context 1048576 --batch 1 --time-chunk-tokens 16384 --remat none
     python benchmarks/profile_step.py --tiny                # CPU smoke run (no device kernels: host events)
+    python benchmarks/profile_step.py --decode --batch 1    # one decoding step (generation) instead
+    python benchmarks/profile_step.py --decode --batch 1 --decode-layout training
 
 Compiles the step, runs two warm-up steps, then traces `--steps` steps (`jax.profiler.trace` with a
 Perfetto trace), with XLA's CUDA graphs off. Each GPU kernel event names the HLO instruction it runs (`args.hlo_op`); the
@@ -12,6 +14,14 @@ backward pass (`transpose(...)`). Kernel time is summed per part of the model an
 kernel (matmul, Pallas attention, fused elementwise, collective, copy) and printed as two tables,
 in ms per step and as a share of the step's kernel time. `--trace-dir` keeps the trace for
 Perfetto / TensorBoard.
+
+`--decode` profiles the decoding step of generation instead (`--steps` steps of `Sampler.decode`
+after a 256-token prompt, bf16 parameters), after timing `--steps` calls back to back and
+`--steps` with the token read to the host after each (streaming): the same tables, then one middle
+layer's operations in order, each with its kernels, its time and, for a projection, the bandwidth
+at which it read its weight. Time it with `--command-buffers` (CUDA graphs on, as generation runs). The
+step runs on the model as `generation.decoding_model` lays it out (`--decode-layout training`:
+the training layout, projections with their input axes first).
 """
 
 from __future__ import annotations
@@ -131,6 +141,9 @@ def main() -> int:
     parser.add_argument("--command-buffers", action="store_true",
                         help="keep XLA's CUDA graphs (kernels inside them cannot be attributed)")
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
+    parser.add_argument("--decode", action="store_true", help="profile a decoding step (generation)")
+    parser.add_argument("--decode-layout", choices=("decoding", "training"), default="decoding",
+                        help="--decode: the weights as generation lays them out, or the training layout")
     args = parser.parse_args()
     # XLA runs a step's kernels as CUDA graphs ("command buffers"), and a kernel inside one is traced
     # under the buffer's name instead of its HLO instruction: turn them off so that every kernel can be
@@ -147,6 +160,9 @@ def main() -> int:
     from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig, create_sharded_model, make_mesh
     from lightning_jax.training import optim, step as step_lib
     from lightning_jax.training.config import OptimConfig
+
+    if args.decode:
+        return profile_decode(args)
 
     common = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=args.remat)
     config_cls, cls = (TNLConfig, TNL) if args.model == "tnl" else (TransformerConfig, Transformer)
@@ -186,6 +202,82 @@ def main() -> int:
     print(summarise(events, names, args.steps))
     if not any(str((e.get("args") or {}).get("hlo_op", "")) in names for e in events[:200]):
         print("kernel events carry no known hlo_op; first event args:", [e.get("args") for e in events[:3]])
+    return 0
+
+
+def profile_decode(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from lightning_jax import generation
+    from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig
+
+    config_cls, cls = (TNLConfig, TNL) if args.model == "tnl" else (TransformerConfig, Transformer)
+    preset = "tiny" if args.tiny else ("tnl_385m" if args.model == "tnl" else "transformer_385m")
+    config = getattr(config_cls, preset)(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+    model = cls(config, rngs=nnx.Rngs(0))
+    if args.decode_layout == "decoding":
+        model = generation.decoding_model(model)
+    else:  # Sampler would lay the weights out for decoding: keep the training layout
+        generation.decoding_model = lambda model: model
+    prompt = np.random.default_rng(0).integers(1, config.vocab_size, (args.batch, 256), dtype=np.int32)
+    sampler = generation.Sampler(model, prompt, 8 + 3 * args.steps, temperature=0.0, rng=jax.random.key(0))
+    token, cache = sampler.prefill()
+    for i in range(1, 8):
+        token, cache = sampler.decode(token, cache, i)
+    jax.block_until_ready(token)
+    names = op_names(sampler._decode.as_text())
+    # Streaming speed, before the profiler: calls back to back, then with the token read each step.
+    for first, host_read in ((8, False), (8 + args.steps, True)):
+        t0 = time.perf_counter()
+        for i in range(first, first + args.steps):
+            token, cache = sampler.decode(token, cache, i)
+            if host_read:
+                np.asarray(token)
+        jax.block_until_ready(token)
+        print(f"Sampler.decode, {'the token read to the host after each call' if host_read else 'back to back'}: "
+              f"{(time.perf_counter() - t0) / args.steps * 1e3:.3f} ms per step "
+              f"(CUDA graphs {'on' if args.command_buffers else 'off'})")
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="profile_decode_")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for i in range(8 + 2 * args.steps, 8 + 3 * args.steps):
+            token, cache = sampler.decode(token, cache, i)
+        jax.block_until_ready(token)
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"{args.model} {preset} decoding step, batch {args.batch}, {args.decode_layout} layout: "
+          f"{wall * 1e3:.3f} ms per step under the profiler (Python dispatch included); trace in {trace_dir}")
+    events, processes = device_events(trace_dir)
+    if not events:
+        print(f"no device kernel events (processes in the trace: {sorted(set(processes.values()))})")
+        return 0
+    print(summarise(events, names, args.steps))
+    # One middle layer's kernels in order; a projection's bandwidth from its weight's bytes.
+    layer = config.num_layers // 2
+    weights = {}
+    block = nnx.state(model.groups[layer], nnx.Param)
+    for path, var in nnx.to_flat_state(block):
+        weights[path[-1]] = var[...].size * jnp.dtype(var[...].dtype).itemsize
+    # (named scope, einsum output) -> weight: the spec's inputs differ between the two layouts.
+    projections = {("token_mixer", "->fbthk"): "qkvu" if args.model == "tnl" else "qkv", ("token_mixer", "->btd"): "out",
+                   ("channel_mixer", "->fbtm"): "w12", ("channel_mixer", "->btd"): "w3"}
+    rows = collections.OrderedDict()  # op -> [kernels, us per step], in the order they first run
+    for e in events:
+        op = names.get(str((e.get("args") or {}).get("hlo_op", "")), "")
+        if f"layer_{layer}/" not in op:
+            continue
+        row = rows.setdefault(op.split(f"layer_{layer}/")[-1][:70], [0, 0.0])
+        row[0] += 1 / args.steps
+        row[1] += float(e.get("dur", 0)) / args.steps
+    lines = ["", f"| layer {layer}: op | kernels | us per step | weight read at |", "| --- | --- | --- | --- |"]
+    for op, (kernels, us) in rows.items():
+        weight = next((weights.get(w) for (scope, out), w in projections.items()
+                       if scope in op and out in op and "dot_general" in op), None)
+        rate = f"{weight / us / 1e6:.2f} TB/s" if weight else ""
+        lines.append(f"| {op} | {kernels:.0f} | {us:.2f} | {rate} |")
+    print("\n".join(lines))
     return 0
 
 

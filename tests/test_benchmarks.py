@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import attention as bench  # noqa: E402
@@ -98,3 +99,20 @@ def test_generation_speed_tiny_runs_every_cell(tmp_path):
         # matters for the tokens/s, which is None then.
         assert r["decode_tokens_per_s"] is None or r["decode_tokens_per_s"] > 0
     assert "| cell | prompt | batch |" in proc.stdout
+
+
+@pytest.mark.parametrize("layout", ["decoding", "training"])
+def test_profile_step_decode_tiny_runs(layout):
+    # benchmarks/profile_step.py --decode on CPU: the Sampler timings and the profile run (a CPU
+    # trace has no device kernels, so the tables are GPU-only).
+    import os
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--decode", "--tiny", "--batch", "2",
+                           "--steps", "2", "--decode-layout", layout], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Sampler.decode, ") == 2
+    assert f"decoding step, batch 2, {layout} layout" in proc.stdout
