@@ -8,10 +8,13 @@ tokens match the default program's.
 Per step = (T(129 new tokens) - T(1 new token)) / 128, T from 5 back-to-back calls; T(1) from the
 default program. A variant that does not compile prints its error.
 """
-import os, sys, time
+import os
+import sys
+import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import jax, jax.numpy as jnp, numpy as np
+import jax
+import numpy as np
 from flax import nnx
 from lightning_jax import generation
 from lightning_jax.models import TNL, TNLConfig
