@@ -5,7 +5,7 @@ Run on the device machine (see docs/benchmarks.md for the exact command):
     PYTHONPATH=$PWD python3 benchmarks/attention.py --out $OUT/attention.json
 
 Sections (check, family_a and family_b by default; pick with --sections check,family_a,family_b,segments):
-  check     our op ("pallas") against `chunked_reference` for time in {1, 63, 64, 1000, 4096, 65536},
+  check     our op ("pallas", or --check-implementation) against `chunked_reference` for time in {1, 63, 64, 1000, 4096, 65536},
             dims {64, 128, 192, 256}, rates incl. 0 and 8, with an initial state: output, final
             state and all gradients (q, k, v, initial state), bf16 (<= 1e-2) and some fp32 (<= 1e-3).
   family_a  65,536 tokens, heads 16, dim 128, time 1,024 .. 65,536 (batch = 65,536 / time), bf16.
@@ -99,6 +99,9 @@ def rel_err(x, ref):
     return float(num / jnp.maximum(den, 1e-30))
 
 
+CHECK_IMPLEMENTATION = "pallas"  # --check-implementation
+
+
 def check_one(time_, dim, dtype, seed):
     heads = len(CHECK_RATES)
     rates = jnp.array(CHECK_RATES, jnp.float32)
@@ -113,7 +116,7 @@ def check_one(time_, dim, dtype, seed):
     # take 5-95 s each on an H200, mostly compiling.
     def ours(q, k, v, s_in, rates):
         return lightning_attention(
-            q, k, v, rates, initial_state=s_in, return_final_state=True, implementation="pallas"
+            q, k, v, rates, initial_state=s_in, return_final_state=True, implementation=CHECK_IMPLEMENTATION
         )
 
     def ref(q, k, v, s_in, rates):
@@ -506,6 +509,8 @@ def main():
                         help="first case of the check set to run (resume a run cut short)")
     parser.add_argument("--check-set", default="full",
                         help=", ".join(CHECK_SETS) + ", or cases such as 1x256:bfloat16,4096x64:float32")
+    parser.add_argument("--check-implementation", default="pallas",
+                        help="the implementation the check section runs (default pallas: it picks its backend)")
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
@@ -532,6 +537,8 @@ def main():
             parse_check_cases(args.check_set)
         except ValueError as e:
             parser.error(str(e))
+    global CHECK_IMPLEMENTATION
+    CHECK_IMPLEMENTATION = args.check_implementation
     sections = args.sections.split(",")
     results = dict(date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), versions=versions())
     log(json.dumps(results["versions"]))

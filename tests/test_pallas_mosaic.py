@@ -114,8 +114,9 @@ def test_no_races_and_no_uninitialised_reads():
         pytest.skip("private race-detection state of GPU interpret mode moved in this jax")
     params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
     q, k, v, s_in = _inputs(1, 130, 2, 64, 64, seed=5)
-    o, final = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, interpret=params)
+    o, final, states = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, chunk=64, interpret=params)
     assert not gpu_callbacks.get_races().races_found
+    assert np.isfinite(np.asarray(states)).all()
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
 
 
@@ -147,10 +148,40 @@ def test_warp_specialized_no_races():
         pytest.skip("private race-detection state of GPU interpret mode moved in this jax")
     params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
     q, k, v, s_in = _inputs(2, 200, 2, 64, 64, seed=8)
-    o, final = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
-                    interpret=params)
+    o, final, states = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
+                            chunk=64, interpret=params)  # chunk states share the state's fp32 buffer
     assert not gpu_callbacks.get_races().races_found
+    assert np.isfinite(np.asarray(states)).all()
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
+
+
+# Chunk states (the Triton backward's residuals): R^(j) = lambda S before chunk j, written as the
+# sweep passes, with every launch layout (one or three warpgroups, pieces, rows).
+@pytest.mark.parametrize(
+    "batch,time,chunk,kw",
+    [(1, 300, 128, dict(warp_specialized=True)), (2, 260, 64, dict(warp_specialized=True, pieces=2, rows_per_program=2)),
+     (1, 200, 128, dict(pieces=2)), (2, 64, 64, dict(warp_specialized=True, rows_per_program=2))],
+)
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_chunk_states_are_the_prefix_states(batch, time, chunk, kw, initial_state):
+    q, k, v, s_in = _inputs(batch, time, 2, 64, 64, seed=time + chunk)
+    s_in = s_in if initial_state else None
+    rates = jnp.array([0.0, 0.4])
+    o, final, states = _run(q, k, v, rates, s_in, chunk=chunk, **kw)
+    chunks = -(-time // chunk)
+    assert states.shape == (batch, 2, chunks, 64, 64) and states.dtype == jnp.float32
+    o_plain, final_plain = _run(q, k, v, rates, s_in, **kw)  # the outputs do not change
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_plain, np.float32))
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(final_plain))
+    lam = jnp.exp(-rates)[None, :, None, None]
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    for j in range(chunks):
+        if j == 0:
+            before = jnp.zeros((batch, 2, 64, 64)) if s_in is None else s_in
+        else:
+            before = reference.quadratic(*(x[:, : j * chunk] for x in up), rates, s_in)[1]
+        assert _rel_per_head(states[:, :, j], lam * before, 1) < 1e-2 if j or s_in is not None else \
+            not np.asarray(states[:, :, 0]).any()
 
 
 def test_launch_plan():
@@ -171,12 +202,16 @@ def _op(q, k, v, rates, s_in, **kw):
                                implementation="pallas_mosaic", interpret=True, **kw)
 
 
-def test_op_forward_and_gradients():
-    """Undifferentiated, the op runs the Mosaic forward; its gradients (Triton kernels, whose
-    forward runs under jax.vjp) match the oracle's, initial state included."""
-    q, k, v, s_in = _inputs(1, 100, 2, 64, 64, seed=9)
+# (time, initial state, the Triton plan's chunk): two chunks and an initial state; three chunks from
+# a zero state; one chunk from a zero state (the backward then needs no chunk states).
+@pytest.mark.parametrize("time,initial_state,chunk", [(100, True, 64), (300, False, 128), (60, False, 64)])
+def test_op_forward_and_gradients(time, initial_state, chunk):
+    """The op runs the Mosaic forward, under jax.vjp too (writing the Triton backward's chunk
+    states); its gradients (Triton backward kernels) match the oracle's, initial state included."""
+    q, k, v, s_in = _inputs(1, time, 2, 64, 64, seed=9)
+    s_in = s_in if initial_state else None
     rates = jnp.array([0.0, 0.5])
-    config = MosaicConfig(gradients=TritonConfig(chunk=64))
+    config = MosaicConfig(gradients=TritonConfig(chunk=chunk))
     o, final = jax.block_until_ready(_op(q, k, v, rates, s_in, config=config))
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     want_o, want_final = reference.quadratic(*up, rates, s_in)
@@ -192,6 +227,9 @@ def test_op_forward_and_gradients():
     got = grads(lambda q, k, v, s: _op(q, k, v, rates, s, config=config), q, k, v, s_in)
     want = grads(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s), *up, s_in)
     for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+        if b is None:  # no initial state
+            assert a is None
+            continue
         assert a.shape == b.shape, name
         err = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / np.linalg.norm(np.asarray(b))
         assert err < 2e-2, (name, err)
@@ -255,7 +293,8 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
     "time,dim_k,dim_v,initial_state,kw",
     [(130, 64, 64, True, {}), (64, 128, 256, False, {}), (4096, 128, 128, True, dict(warp_specialized=True, pieces=4)),
      (1000, 128, 64, False, dict(warp_specialized=True, rows_per_program=2)),
-     (500, 192, 64, True, dict(stages=1))],
+     (500, 192, 64, True, dict(stages=1)), (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, chunk=1024)),
+     (1000, 64, 64, False, dict(chunk=256))],
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU
@@ -264,7 +303,8 @@ def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
 
 
 def test_op_cross_lowers_with_triton_gradients():
-    """The op's primal lowers to the Mosaic kernel; its gradient to the Triton kernels."""
+    """The op's primal lowers to the Mosaic kernel; its gradient to the Mosaic forward (with chunk
+    states) and the Triton backward kernels."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     rates = jnp.array([0.1, 0.2])
     op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False)
@@ -275,7 +315,8 @@ def test_op_cross_lowers_with_triton_gradients():
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
         lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
+    text = lowered.as_text()
+    assert "triton" in text and "mosaic_gpu" in text
 
 
 def test_cross_lowering_checks_shared_memory():

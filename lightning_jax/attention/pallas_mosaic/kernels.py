@@ -94,6 +94,20 @@ def _block_decays(kdec_s, sdec_s, g, real_blocks):
     return plgpu.load(kdec_s.at[kind], layout=layout), plgpu.load(sdec_s.at[kind], layout=layout)
 
 
+def _store_chunk_state(s, g, b, *, chunk_blocks, real_blocks, rs_ref, st_s, sdec_s, h, cols):
+    """R^(j) = lambda S (the state aged to chunk j's first token; convention A, what the Triton
+    backward reads) to rs_ref[b, h, j] when global block g is chunk j's first (chunk_blocks blocks
+    each), through the fp32 buffer st_s (waited free first: it also carries the rows' end states)."""
+
+    @pl.when((g % chunk_blocks == 0) & (g < real_blocks))
+    def _():
+        lam = plgpu.load(sdec_s.at[3], layout=plgpu.Layout.WGMMA.reduce(1))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        st_s[...] = s * _rows(lam, s.shape)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_s, rs_ref.at[b, h, g // chunk_blocks, :, cols])
+
+
 def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_ref, st_s, barrier, h, cols):
     """Runs `step(n, s) -> s` over a program's rows in turn: each row starts from its initial
     state (s0_ref, or zeros when None), and its state after the last block goes to sf_ref, both
@@ -109,6 +123,7 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
         else:
             s = plgpu.layout_cast(jnp.zeros(st_s.shape, jnp.float32), wgmma)
         s = lax.fori_loop(r * blocks_per_piece, (r + 1) * blocks_per_piece, step, s)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # a chunk state's store may still read st_s
         st_s[...] = s
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, piece, h, :, cols])
@@ -119,7 +134,7 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
 
 
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
-            has_s0, outputs):
+            has_s0, outputs, chunk_blocks=None):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
@@ -127,7 +142,8 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     kdec_ref, sdec_ref = refs.pop(0), refs.pop(0)
     s0_ref = refs.pop(0) if has_s0 else None
     o_ref = refs.pop(0) if outputs else None
-    (sf_ref,) = refs
+    sf_ref = refs.pop(0)
+    (rs_ref,) = refs if chunk_blocks else (None,)
     dt = k_ref.dtype
     j = lax.axis_index("tile")
     h = lax.axis_index("head")
@@ -177,6 +193,9 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
                     issue(n + 1, (n + 1) % stages)
 
             kdec, sdec = _block_decays(kdec_s, sdec_s, g, real_blocks)
+            if chunk_blocks:
+                _store_chunk_state(s, g, b, chunk_blocks=chunk_blocks, real_blocks=real_blocks, rs_ref=rs_ref,
+                                   st_s=st_s, sdec_s=sdec_s, h=h, cols=cols)
             if outputs:
                 r_s[...] = s.astype(dt)  # the bf16 state for Q S while the copies fly
             for t in range(streams):
@@ -208,7 +227,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
         v_s=_smem_operand((stages, block, tile_v), dt),
         vs_s=_smem_operand((block, tile_v), dt),  # decayed v
         kdec_s=plgpu.SMEM((3, block), jnp.float32),
-        sdec_s=plgpu.SMEM((3, dim_k), jnp.float32),
+        sdec_s=plgpu.SMEM((4, dim_k), jnp.float32),
         st_s=plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
         bars=plgpu.Barrier(num_barriers=stages * streams),
         tbars=plgpu.Barrier(num_barriers=4 if outputs else 2),
@@ -229,7 +248,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
-               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0):
+               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -243,7 +262,10 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     (a bf16 state is published) and free (the output warpgroup has read it). Every arrival is waited
     for before the program ends (the interpreter checks it; on the GPU it keeps warpgroups together).
     """
-    s0_ref, o_ref, sf_ref = refs if has_s0 else (None, *refs)
+    refs = list(refs)
+    s0_ref = refs.pop(0) if has_s0 else None
+    o_ref, sf_ref = refs.pop(0), refs.pop(0)
+    (rs_ref,) = refs if chunk_blocks else (None,)
     dt = q_ref.dtype
     j = lax.axis_index("tile")
     h = lax.axis_index("head")
@@ -288,7 +310,11 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
 
             def step(n, s):
                 slot = n % stages
-                kdec, sdec = _block_decays(kdec_s, sdec_s, where(n)[2], real_blocks)
+                b, _, g = where(n)
+                kdec, sdec = _block_decays(kdec_s, sdec_s, g, real_blocks)
+                if chunk_blocks:
+                    _store_chunk_state(s, g, b, chunk_blocks=chunk_blocks, real_blocks=real_blocks, rs_ref=rs_ref,
+                                       st_s=st_s, sdec_s=sdec_s, h=h, cols=cols)
 
                 @pl.when(n >= 2)
                 def _():
@@ -360,7 +386,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         plgpu.SMEM((block, block), jnp.float32),
         plgpu.SMEM((block,), jnp.float32),
         plgpu.SMEM((3, block), jnp.float32),
-        plgpu.SMEM((3, dim_k), jnp.float32),
+        plgpu.SMEM((4, dim_k), jnp.float32),
         plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
         plgpu.Barrier(num_barriers=3 * stages),  # full
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
@@ -376,9 +402,10 @@ def decay_tables(rates, *, block, length, dim_k, scale=1.0):
     """The per-head fp32 tables the kernel reads, built from exp(-rate * delta), delta >= 0.
 
     mask [H, B, B] = scale * lambda^(a-b) (a >= b, else 0); qdec [H, B] = scale * lambda^(a+1);
-    kdec [H, 3, B] and sdec [H, 3, dim_k] have one row per kind of block: 0 a full block
+    kdec [H, 3, B] and sdec [H, 4, dim_k] have one row per kind of block: 0 a full block
     (lambda^(B-1-a); lambda^B), 1 the last real block of length m (lambda^(m-1-a) for a < m, else 0;
-    lambda^m), 2 a padding block past the end (0; 1: the state passes through unchanged)."""
+    lambda^m), 2 a padding block past the end (0; 1: the state passes through unchanged); sdec's
+    row 3 is lambda itself (one token's decay, for the chunk states)."""
     rates = rates.astype(jnp.float32)[:, None]
     last = length - (pl.cdiv(length, block) - 1) * block
     a = jnp.arange(block, dtype=jnp.float32)
@@ -393,8 +420,8 @@ def decay_tables(rates, *, block, length, dim_k, scale=1.0):
         ],
         axis=1,
     )
-    sdec = jnp.exp(-rates * jnp.array([block, last, 0], jnp.float32))
-    sdec = jnp.broadcast_to(sdec[:, :, None], (len(rates), 3, dim_k))
+    sdec = jnp.exp(-rates * jnp.array([block, last, 0, 1], jnp.float32))
+    sdec = jnp.broadcast_to(sdec[:, :, None], (len(rates), 4, dim_k))
     return mask, qdec, kdec, sdec
 
 
@@ -416,15 +443,18 @@ def _interpret_params(interpret):
 
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
-           has_s0, warp_specialized, interpret):
+           has_s0, warp_specialized, interpret, chunk_blocks=None):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
-    piece's state after its last block."""
+    piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
+    fp32 [batch, heads, chunks, dim_k, dim_v], R^(j) before every chunk of that many blocks."""
     batch, _, heads, dk, dv = shape
     rows = batch * pieces
     rows_per_program = math.gcd(rows, rows_per_program)
     common = dict(block=block, blocks_per_piece=blocks_per_piece, real_blocks=real_blocks, pieces=pieces,
                   rows_per_program=rows_per_program, dim_k=dk, tile_v=_TILE, stages=stages, has_s0=has_s0)
+    if chunk_blocks:
+        common["chunk_blocks"] = chunk_blocks
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, **common)
@@ -432,9 +462,13 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
     o = jax.ShapeDtypeStruct((batch, pieces * blocks_per_piece * block, heads, dv), args[0].dtype)
+    out_type = (o, states) if outputs else states
+    if chunk_blocks:
+        chunks = jax.ShapeDtypeStruct((batch, heads, pl.cdiv(real_blocks, chunk_blocks), dk, dv), jnp.float32)
+        out_type = (o, states, chunks)
     return plgpu.kernel(
         kernel,
-        out_type=(o, states) if outputs else states,
+        out_type=out_type,
         grid=(dv // _TILE, heads, rows // rows_per_program),
         grid_names=("tile", "head", "rows"),
         **(dict(num_threads=3, thread_name="wg") if warp_specialized else {}),
@@ -443,9 +477,10 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret", "chunk"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
-            stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False):
+            stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
+            chunk: int | None = None):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -469,9 +504,13 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         `plgpu.InterpretGPUParams` runs GPU interpret mode (any backend, slow). When interpreting,
         `jax.block_until_ready` the result before dispatching other JAX work: on jax 0.11.2 the
         interpreter's host callbacks run jax ops themselves and can deadlock behind it on XLA:CPU.
+      chunk: None, or a multiple of `block`: also return the state entering every chunk of that many
+        tokens, aged to its first token (R^(j) = lambda S_(j chunk - 1), R^(0) = lambda S_in;
+        convention A, the residuals of the Triton backward), written as the sweep passes.
 
     Returns:
-      (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]).
+      (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
+      and with `chunk` also chunk_states fp32 [batch, heads, ceil(time / chunk), dim_k, dim_v].
       Any length works (padding at the end is exact); dim_k and dim_v are zero-padded to
       multiples of 64 inside.
     """
@@ -487,6 +526,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"initial_state: expected {(batch, heads, dim_k, dim_v)}, got {initial_state.shape}")
     if block <= 0 or block % _TILE:
         raise ValueError(f"block must be a positive multiple of {_TILE}, got {block}")
+    if chunk is not None and (chunk <= 0 or chunk % block):
+        raise ValueError(f"chunk must be None or a positive multiple of block ({block}), got {chunk}")
     if pieces < 1 or stages not in (1, 2):
         raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
     if time == 0:
@@ -528,8 +569,11 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         s0 = s0[:, None]
 
     args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
-    o, finals = _sweep(
+    out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
-        has_s0=s0 is not None, **common,
+        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, **common,
     )
-    return o[:, :time, :, :dim_v], finals[:, -1, :, :dim_k, :dim_v]
+    o, finals = out[0][:, :time, :, :dim_v], out[1][:, -1, :, :dim_k, :dim_v]
+    if chunk is None:
+        return o, finals
+    return o, finals, out[2][..., :dim_k, :dim_v]

@@ -1,10 +1,12 @@
 """The entry point `lightning_attention_mosaic`: the Mosaic GPU forward in a `custom_vjp` whose
-gradients come from the Pallas-Triton kernels, and `MosaicConfig`, its knobs.
+gradients come from the Pallas-Triton backward kernels.
 
-A call that is not differentiated runs the Mosaic forward. Under `jax.grad`/`jax.vjp` the forward
-runs as the Triton forward instead, because the Triton backward needs its per-chunk states (the
-residuals R^(j)), which the Mosaic forward does not produce yet. Both forwards compute the same
-function (each checked against the fp32 reference on the GPU, docs/kernels.md).
+Differentiated or not, the forward is the Mosaic kernel. Under `jax.grad`/`jax.vjp` it also writes
+the state entering every chunk of the Triton backward's plan (R^(j), the backward's residuals,
+`kernels.forward(chunk=)`), so the backward needs nothing else from a forward. Where the Triton
+plan's chunk is not a multiple of the Mosaic block (short sequences) the Triton forward runs
+instead; both compute the same function (each checked against the fp32 reference on the GPU,
+docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -23,13 +25,24 @@ from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_b
 from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_fwd
 from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(settings, plan, q, k, v, rates, s_in):
     return forward(q, k, v, rates, s_in, **dict(settings))
 
 
 def _attention_fwd(settings, plan, q, k, v, rates, s_in):
-    return _triton_fwd(plan, q, k, v, rates, s_in)
+    if plan.chunk % MOSAIC_BLOCK:
+        return _triton_fwd(plan, q, k, v, rates, s_in)
+    if plan.num_chunks == 1 and s_in is None:  # the Triton backward starts from a zero state
+        o, final = forward(q, k, v, rates, s_in, **dict(settings))
+        r = None
+    else:
+        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **dict(settings))
+        # [batch, heads, N, dim_k, dim_v] -> the Triton layout [batch * heads, N, dk_pad, dv_pad].
+        r = states.reshape(plan.batch * plan.heads, plan.num_chunks, plan.dim_k, plan.dim_v)
+        r = jnp.pad(r, ((0, 0), (0, 0), (0, plan.dk_pad - plan.dim_k), (0, plan.dv_pad - plan.dim_v)))
+    return (o, final), (q, k, v, rates, r, s_in)
 
 
 def _attention_bwd(settings, plan, residuals, cotangents):
