@@ -1,7 +1,7 @@
 """`implementation="pallas"`: the best Pallas backend for this device and call.
 
 Two backends exist: Pallas-Triton (`pallas_triton/`, any NVIDIA GPU, every feature) and Pallas
-Mosaic GPU (`pallas_mosaic/`, Hopper only; a faster forward, gradients still by the Triton kernels).
+Mosaic GPU (`pallas_mosaic/`, Hopper only; a faster forward, gradients by the Triton backward).
 "pallas" takes the Mosaic forward where it covers the call and Triton everywhere else, so it is the
 GPU default; name "pallas_triton" or "pallas_mosaic" to pin one.
 """

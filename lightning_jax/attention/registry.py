@@ -85,7 +85,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "lightning_jax.attention.pallas_triton", "lightning_attention_triton", "TritonConfig",
         ),
         Implementation(
-            "pallas_mosaic", "Pallas Mosaic GPU forward (Hopper), gradients by the Triton kernels",
+            "pallas_mosaic", "Pallas Mosaic GPU forward (Hopper), gradients by the Triton backward kernels",
             "lightning_jax.attention.pallas_mosaic", "lightning_attention_mosaic", "MosaicConfig",
         ),
     )
