@@ -411,6 +411,16 @@ def test_save_refuses_what_the_official_model_cannot_express(tmp_path, field, ch
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_save_refuses_a_model_laid_out_for_decoding(tmp_path):
+    from lightning_jax.generation import decoding_model
+
+    model = decoding_model(TNL(TNLConfig.tiny(), rngs=nnx.Rngs(0)))
+    with pytest.raises(CheckpointFormatError, match="laid out for decoding") as e:
+        save_hf_tnl(model, str(tmp_path / "out"))
+    assert e.value.field == "model"
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ----------------------------------------------------------------------------------------------
 # pytorch_model*.bin, read without torch.
 

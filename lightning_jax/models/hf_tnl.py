@@ -60,6 +60,7 @@ from flax import nnx
 
 from lightning_jax.checks import ArgumentError, check_instance, is_int
 from lightning_jax.models.config import DTYPES, TNLConfig
+from lightning_jax.models.layers import laid_out_for_decoding
 from lightning_jax.models.sharding import DEFAULT_RULES, logical_to_spec
 from lightning_jax.models.tnl import TNL
 
@@ -730,6 +731,9 @@ def save_hf_tnl(model: TNL, path: str, *, dtype=None, max_shard_bytes: int = DEF
     from safetensors.numpy import save_file
 
     check_instance("model", model, TNL)
+    if laid_out_for_decoding(model):
+        _fail("model", "got a model laid out for decoding (`generation.decoding_model`: projection weights with "
+                       "their input axes last), expected the model itself (the training layout)")
     hf = hf_config_from_tnl(model.config, dtype=dtype)
     hf.update(dict(extra_config or {}))
     if not is_int(max_shard_bytes) or max_shard_bytes < 1:

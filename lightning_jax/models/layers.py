@@ -93,6 +93,12 @@ def inputs_last(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def laid_out_for_decoding(model: nnx.Module) -> bool:
+    """True when some projection weight of `model` holds its input axes last (`inputs_last`)."""
+    return any(isinstance(node, nnx.Param) and node.get_metadata().get("inputs_last")
+               for _, node in nnx.iter_graph(model))
+
+
 def _transposed(value: jax.Array, perm: tuple[int, ...]) -> jax.Array:
     """jnp.transpose(value, perm) as a new contiguous array, sharded like `value` with its axes permuted."""
     sharding = getattr(value, "sharding", None)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lightning_jax.checks import ArgumentError
+from lightning_jax.models.layers import laid_out_for_decoding
 
 # fn(layer_module, x, inputs) -> (x, output): one layer's step of the loop. `inputs` is this
 # layer's slice of the per-group inputs (None when there are none); `output` (any pytree, or None)
@@ -313,7 +314,7 @@ def relayout(model: nnx.Module, scan: bool) -> nnx.Module:
     config = model.config
     if config.scan_layers == scan:
         return model
-    if any(isinstance(var, nnx.Param) and var.get_metadata().get("inputs_last") for _, var in nnx.iter_graph(model)):
+    if laid_out_for_decoding(model):
         raise ValueError("model: got a model laid out for decoding (projection weights with their input axes last, "
                          "`layers.inputs_last`), expected one in the training layout: relayout the model first, "
                          "then lay it out for decoding")
