@@ -80,10 +80,12 @@ def test_extend_carries_a_document_across_calls_and_resets_a_new_one():
 def test_segment_ids_are_checked_by_name():
     model = TNL(CONFIG, rngs=nnx.Rngs(0))
     tokens, ids, _ = packed([[4, 4]])
-    with pytest.raises(ArgumentError, match=r"^segment_ids: got \(1, 7\)"):
+    with pytest.raises(ArgumentError, match=r"^segment_ids: got shape \(1, 7\) dtype int32, expected shape \(1, 8\) .* to match tokens"):
         model(tokens, segment_ids=ids[:, :-1])
     with pytest.raises(ArgumentError, match=r"^segment_ids: got segment_ids together with pad_mask"):
         model(tokens, segment_ids=ids, pad_mask=jnp.ones(tokens.shape, bool))
+    with pytest.raises(ArgumentError, match=r"^segment_ids: got a decrease in row 0 at time 4"):
+        model(tokens, segment_ids=ids.at[0, 4].set(-1))
 
 
 def document_loss_sums(graphdef, params, rest, docs):

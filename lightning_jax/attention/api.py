@@ -309,13 +309,14 @@ def check_state(name: str, state, expected: tuple[int, ...]) -> None:
     _check_floating(name, state)
 
 
-def check_segment_ids(segment_ids, batch: int, time: int):
+def check_segment_ids(segment_ids, batch: int, time: int, *, like: str = "q"):
     """[batch, time] integer segment ids, non-decreasing along each row when concrete (traced ids
-    are trusted). Returns them as int32."""
+    are trusted). Returns them as int32. `like`: the argument whose shape gives batch and time (named
+    in the error)."""
     _check_is_array("segment_ids", segment_ids)
     if tuple(segment_ids.shape) != (batch, time):
         _bad("segment_ids", f"got {_describe(segment_ids)}, expected shape ({batch}, {time}) = [batch, time] "
-                            "to match q")
+                            f"to match {like}")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         _bad_type("segment_ids", f"got dtype {segment_ids.dtype}, expected an integer dtype (int32)")
     try:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lightning_jax.attention import decode_step, lightning_attention
+from lightning_jax.attention.api import check_segment_ids
 from lightning_jax.checks import ArgumentError, check_choice, check_instance, check_int
 from lightning_jax.models import layers
 from lightning_jax.models.config import TNLConfig
@@ -407,14 +408,11 @@ class TNL(nnx.Module):
 
 
 def _check_segment_ids(segment_ids, tokens, pad_mask):
-    """None, or `segment_ids` as int32 [batch, time] (tokens' shape) when there is no pad_mask."""
+    """None, or `segment_ids` as int32 [batch, time] (tokens' shape, non-decreasing rows; the op's
+    check) when there is no pad_mask."""
     if segment_ids is None:
         return None
     if pad_mask is not None:
         raise ArgumentError("segment_ids", "got segment_ids together with pad_mask, expected one of them: "
                                            "left padding and packed documents do not mix")
-    if getattr(segment_ids, "shape", None) != tokens.shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ArgumentError("segment_ids", f"got {getattr(segment_ids, 'shape', type(segment_ids).__name__)} "
-                                           f"{getattr(segment_ids, 'dtype', '')}, expected int [batch, time] = "
-                                           f"{tokens.shape} (tokens' shape)")
-    return jnp.asarray(segment_ids, jnp.int32)
+    return check_segment_ids(segment_ids, *tokens.shape, like="tokens")
