@@ -184,6 +184,38 @@ def test_chunk_states_are_the_prefix_states(batch, time, chunk, kw, initial_stat
             not np.asarray(states[:, :, 0]).any()
 
 
+# The backward as three sweeps of the forward kernels (dQ causal; dK, dV anti-causal, `reverse`).
+# (batch, time, dim_k, dim_v, initial state, dL/dS_final, kernel options). GPU interpret mode hangs
+# on the three-warpgroup kernel with a 128-wide "q" operand (a limit of the interpreter; the GPU runs
+# it), so 128-wide dims go through the one-warpgroup kernel here.
+@pytest.mark.parametrize(
+    "batch,time,dim_k,dim_v,initial_state,d_final,kw",
+    [(1, 150, 64, 64, True, True, {}), (2, 130, 64, 64, False, False, dict(warp_specialized=True, rows_per_program=2)),
+     (1, 200, 128, 64, True, False, dict(pieces=2)), (1, 64, 64, 128, False, True, dict(warp_specialized=True)),
+     (2, 1, 64, 64, True, True, {})],
+)
+def test_backward_matches_the_oracle_gradients(batch, time, dim_k, dim_v, initial_state, d_final, kw):
+    from lightning_jax.attention.pallas_mosaic import backward
+
+    keys = jax.random.split(jax.random.PRNGKey(time), 6)
+    q, k = (jax.random.normal(key, (batch, time, 2, dim_k)).astype(jnp.bfloat16) for key in keys[:2])
+    v, d_o = (jax.random.normal(key, (batch, time, 2, dim_v)).astype(jnp.bfloat16) for key in keys[2:4])
+    s_in = jax.random.normal(keys[4], (batch, 2, dim_k, dim_v)) if initial_state else None
+    d_f = jax.random.normal(keys[5], (batch, 2, dim_k, dim_v)) if d_final else None
+    rates = jnp.array([0.0, 0.3])
+    jax.block_until_ready((q, k, v, d_o, s_in, d_f))  # nothing else in flight while interpreting
+    got = jax.block_until_ready(backward(q, k, v, rates, s_in, d_o, d_f, scale=0.5, interpret=INTERPRET, **kw))
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, final), vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=0.5), *up, s_in)
+    want = vjp((d_o.astype(jnp.float32), jnp.zeros_like(final) if d_f is None else d_f))
+    for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == (jnp.float32 if name == "d_initial_state" else jnp.bfloat16), name
+        assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
+
+
 def test_launch_plan():
     """About one program per SM: pieces when programs are few, rows per program when many; always
     a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x pieces."""
@@ -255,7 +287,7 @@ def test_op_refuses_what_it_does_not_cover():
     "field,value,match",
     [("stages", 3, "MosaicConfig.stages"), ("pieces", 0, "MosaicConfig.pieces: got 0"),
      ("rows_per_program", 1.5, "MosaicConfig.rows_per_program"), ("warp_specialized", 1, "warp_specialized"),
-     ("gradients", {}, "MosaicConfig.gradients: got dict")],
+     ("gradients", {}, "MosaicConfig.gradients: got dict"), ("backward", "xla", "MosaicConfig.backward")],
 )
 def test_config_checks(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -317,6 +349,22 @@ def test_op_cross_lowers_with_triton_gradients():
         lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "triton" in text and "mosaic_gpu" in text
+
+
+def test_op_cross_lowers_with_the_mosaic_backward():
+    """MosaicConfig(backward="mosaic"): the gradient program is Mosaic GPU kernels only."""
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    rates = jnp.array([0.1, 0.2])
+    config = MosaicConfig(backward="mosaic")
+    op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                             config=config)
+    loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+    wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    narrow = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="v: got dim_v 256, expected <= 128 for the Mosaic backward"):
+        lightning_attention(narrow, narrow, wide, jnp.zeros((1,)), implementation="pallas_mosaic", config=config)
 
 
 def test_cross_lowering_checks_shared_memory():

@@ -17,11 +17,11 @@ def __getattr__(name):
         from lightning_jax.attention.pallas_mosaic import op
 
         return op.lightning_attention_mosaic
-    if name in ("forward", "decay_tables"):
+    if name in ("forward", "backward", "decay_tables"):
         from lightning_jax.attention.pallas_mosaic import kernels
 
         return getattr(kernels, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MosaicConfig", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]
+__all__ = ["MosaicConfig", "backward", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]

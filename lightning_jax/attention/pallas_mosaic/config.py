@@ -26,7 +26,10 @@ class MosaicConfig:
       and a scan provide), for grids that do not fill the GPU.
     rows_per_program: rows (pieces of sequences) one program sweeps in turn, for grids of many
       short programs.
-    gradients: the `TritonConfig` of the kernels that compute gradients (None: their defaults).
+    gradients: the `TritonConfig` of the Triton backward (None: its defaults).
+    backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes)
+      or "mosaic" (`kernels.backward`: three sweeps of the Mosaic kernels, no saved states; not yet
+      measured on a GPU, so not the default). Interpret mode always runs the Triton backward.
     """
 
     stages: int = 2
@@ -34,9 +37,11 @@ class MosaicConfig:
     pieces: int | None = None
     rows_per_program: int | None = None
     gradients: TritonConfig | None = None
+    backward: str = "triton"
 
     def __post_init__(self):
         checks.check_choice("MosaicConfig.stages", self.stages, (1, 2))
+        checks.check_choice("MosaicConfig.backward", self.backward, ("triton", "mosaic"))
         checks.check_bool("MosaicConfig.warp_specialized", self.warp_specialized)
         for name in ("pieces", "rows_per_program"):
             if getattr(self, name) is not None:

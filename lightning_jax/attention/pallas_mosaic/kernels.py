@@ -74,24 +74,36 @@ def _rows(vec, shape):
     return lax.broadcast_in_dim(vec, shape, [0])
 
 
-def _walker(first_row, blocks_per_piece, pieces):
+def _walker(first_row, blocks_per_piece, pieces, reverse=False):
     """Step n of a program whose rows start at `first_row` -> (batch row, piece, block of the
-    whole sequence). A row is one piece of one sequence; each has `blocks_per_piece` blocks."""
+    whole sequence). A row is one piece of one sequence; each has `blocks_per_piece` blocks, walked
+    first to last, or last to first when `reverse`."""
 
     def where(n):
         row = first_row + n // blocks_per_piece
         piece = row % pieces
-        return row // pieces, piece, piece * blocks_per_piece + n % blocks_per_piece
+        step = n % blocks_per_piece
+        return row // pieces, piece, piece * blocks_per_piece + (blocks_per_piece - 1 - step if reverse else step)
 
     return where
 
 
+def _block_kind(g, real_blocks):
+    """The row of the decay tables for global block g: 0 a full block, 1 the last real block
+    (ragged), 2 padding past the end."""
+    return (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
+
+
 def _block_decays(kdec_s, sdec_s, g, real_blocks):
-    """The k decays [block] and the state decay [dim_k] of global block g: table row 0 a full
-    block, 1 the last real block (ragged), 2 padding (no decay)."""
-    kind = (g >= real_blocks - 1).astype(jnp.int32) + (g >= real_blocks).astype(jnp.int32)
+    """The k decays [block] and the state decay [dim_k] of global block g (`_block_kind`)."""
+    kind = _block_kind(g, real_blocks)
     layout = plgpu.Layout.WGMMA.reduce(1)
     return plgpu.load(kdec_s.at[kind], layout=layout), plgpu.load(sdec_s.at[kind], layout=layout)
+
+
+def _block_qdec(qdec_s, g, real_blocks):
+    """The q decays [block] of global block g (`_block_kind`)."""
+    return plgpu.load(qdec_s.at[_block_kind(g, real_blocks)], layout=plgpu.Layout.WGMMA.reduce(1))
 
 
 def _store_chunk_state(s, g, b, *, chunk_blocks, real_blocks, rs_ref, st_s, sdec_s, h, cols):
@@ -134,7 +146,7 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
 
 
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
-            has_s0, outputs, chunk_blocks=None):
+            has_s0, outputs, chunk_blocks=None, reverse=False):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
@@ -149,10 +161,9 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     h = lax.axis_index("head")
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
     streams = 3 if outputs else 2  # q, k, v (or k, v) per pipeline slot
     steps = rows_per_program * blocks_per_piece
-    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces)
+    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces, reverse)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, bars, tbars):
         def issue(n, slot):
@@ -178,7 +189,6 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             plgpu.barrier_wait(tbars.at[t])
         if outputs:
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
-            qdec = plgpu.load(qdec_s, layout=row_layout)  # [block]
 
         def step(n, s):
             b, _, g = where(n)
@@ -209,6 +219,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
             plgpu.commit_smem()  # make the register stores visible to wgmma
             if outputs:
+                qdec = _block_qdec(qdec_s, g, real_blocks)
                 o = _mm(p_s, v_blk) + _mm(q_blk, r_s) * _rows(qdec, (block, tile_v))
                 o_s[...] = o.astype(dt)
                 plgpu.commit_smem()
@@ -239,7 +250,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             r_s=_smem_operand((dim_k, tile_v), dt),  # bf16 state
             o_s=_smem_operand((block, tile_v), dt),
             mask_s=plgpu.SMEM((block, block), jnp.float32),
-            qdec_s=plgpu.SMEM((block,), jnp.float32),
+            qdec_s=plgpu.SMEM((3, block), jnp.float32),
         )
     pl.run_scoped(lambda **bufs: scoped(**{n: bufs.get(n) for n in _SCRATCH}), **scratch)
 
@@ -248,7 +259,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
-               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None):
+               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -272,9 +283,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     wg = lax.axis_index("wg")
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
     steps = rows_per_program * blocks_per_piece
-    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces)
+    where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces, reverse)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, full, consumed, ready,
                free, tbars, done):
@@ -346,7 +356,6 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
             plgpu.barrier_wait(tbars.at[2])
             plgpu.barrier_wait(tbars.at[3])
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
-            qdec = _rows(plgpu.load(qdec_s, layout=row_layout), (block, tile_v))
 
             def step(n, carry):
                 slot = n % stages
@@ -359,7 +368,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.barrier_wait(full.at[3 * slot + 2])
                 o = _mm(p_s, v_s.at[slot])
                 plgpu.barrier_wait(ready.at[n % 2])
-                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * qdec
+                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(_block_qdec(qdec_s, g, real_blocks), (block, tile_v))
                 plgpu.barrier_arrive(free.at[n % 2])
                 plgpu.barrier_arrive(consumed.at[slot])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_s
@@ -384,7 +393,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         _smem_operand((2, dim_k, tile_v), dt),  # bf16 states for the output warpgroup
         _smem_operand((block, tile_v), dt),  # o
         plgpu.SMEM((block, block), jnp.float32),
-        plgpu.SMEM((block,), jnp.float32),
+        plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((4, dim_k), jnp.float32),
         plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
@@ -398,29 +407,42 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     )
 
 
-def decay_tables(rates, *, block, length, dim_k, scale=1.0):
+def decay_tables(rates, *, block, length, dim_k, scale=1.0, reverse=False):
     """The per-head fp32 tables the kernel reads, built from exp(-rate * delta), delta >= 0.
 
-    mask [H, B, B] = scale * lambda^(a-b) (a >= b, else 0); qdec [H, B] = scale * lambda^(a+1);
-    kdec [H, 3, B] and sdec [H, 4, dim_k] have one row per kind of block: 0 a full block
-    (lambda^(B-1-a); lambda^B), 1 the last real block of length m (lambda^(m-1-a) for a < m, else 0;
-    lambda^m), 2 a padding block past the end (0; 1: the state passes through unchanged); sdec's
-    row 3 is lambda itself (one token's decay, for the chunk states)."""
+    qdec [H, 3, B], kdec [H, 3, B] and sdec [H, 4, dim_k] have one row per kind of block
+    (`_block_kind`): 0 a full block, 1 the last real block, of length m, 2 a padding block past the
+    end (it passes the state through: kdec 0, sdec 1); sdec's row 3 is lambda itself (one token's
+    decay, for the chunk states). Forward (the causal sweep, first block to last):
+
+      mask [H, B, B] = scale lambda^(a-b) (a >= b, else 0); qdec = scale lambda^(a+1) (every kind);
+      kdec: lambda^(B-1-a) full, lambda^(m-1-a) last (0 for a >= m); sdec: lambda^B, lambda^m.
+
+    `reverse` (the anti-causal sweep, last block to first, of the backward's dK and dV: the carried
+    state G holds the later tokens' terms aged to the block's end, and the initial state dL/dS_final
+    enters at the last token):
+
+      mask = scale lambda^(b-a) (b >= a, else 0); qdec: lambda^(B-a) full, lambda^(m-1-a) last;
+      kdec = scale lambda^a (0 for a >= m in the last block); sdec: lambda^B, lambda^(m-1)."""
     rates = rates.astype(jnp.float32)[:, None]
     last = length - (pl.cdiv(length, block) - 1) * block
     a = jnp.arange(block, dtype=jnp.float32)
-    lag = a[:, None] - a[None, :]
+    lag = (a[None, :] - a[:, None]) if reverse else (a[:, None] - a[None, :])
     mask = scale * jnp.exp(jnp.where(lag >= 0, -rates[:, :, None] * lag, -jnp.inf))
-    qdec = scale * jnp.exp(-rates * (a + 1))
-    kdec = jnp.stack(
-        [
-            jnp.exp(-rates * (block - 1 - a)),
-            jnp.exp(jnp.where(a < last, -rates * (last - 1 - a), -jnp.inf)),
-            jnp.zeros_like(rates * a),
-        ],
-        axis=1,
-    )
-    sdec = jnp.exp(-rates * jnp.array([block, last, 0, 1], jnp.float32))
+    zeros = jnp.zeros_like(rates * a)
+    in_last = a < last
+    if reverse:
+        qdec = jnp.stack([jnp.exp(-rates * (block - a)),
+                          jnp.exp(jnp.where(in_last, -rates * (last - 1 - a), -jnp.inf)), zeros], axis=1)
+        kdec = scale * jnp.stack([jnp.exp(-rates * a), jnp.exp(jnp.where(in_last, -rates * a, -jnp.inf)), zeros],
+                                 axis=1)
+        state = [block, last - 1, 0, 1]
+    else:
+        qdec = jnp.broadcast_to((scale * jnp.exp(-rates * (a + 1)))[:, None], (len(rates), 3, block))
+        kdec = jnp.stack([jnp.exp(-rates * (block - 1 - a)),
+                          jnp.exp(jnp.where(in_last, -rates * (last - 1 - a), -jnp.inf)), zeros], axis=1)
+        state = [block, last, 0, 1]
+    sdec = jnp.exp(-rates * jnp.array(state, jnp.float32))
     sdec = jnp.broadcast_to(sdec[:, :, None], (len(rates), 4, dim_k))
     return mask, qdec, kdec, sdec
 
@@ -443,7 +465,7 @@ def _interpret_params(interpret):
 
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
-           has_s0, warp_specialized, interpret, chunk_blocks=None):
+           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -455,6 +477,8 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
                   rows_per_program=rows_per_program, dim_k=dk, tile_v=_TILE, stages=stages, has_s0=has_s0)
     if chunk_blocks:
         common["chunk_blocks"] = chunk_blocks
+    if reverse:
+        common["reverse"] = True
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, **common)
@@ -477,10 +501,10 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret", "chunk"))
+@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret", "chunk", "reverse"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-            chunk: int | None = None):
+            chunk: int | None = None, reverse: bool = False):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -507,6 +531,10 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
       chunk: None, or a multiple of `block`: also return the state entering every chunk of that many
         tokens, aged to its first token (R^(j) = lambda S_(j chunk - 1), R^(0) = lambda S_in;
         convention A, the residuals of the Triton backward), written as the sweep passes.
+      reverse: the anti-causal sweep instead, the backward's (`backward`): blocks from last to first,
+        o_t = sum_(s >= t) scale lambda^(s-t) (q_t . k_s) v_s + lambda^(n-1-t) q_t S_in, and the
+        returned state is G = sum_s scale lambda^s k_s^T v_s + lambda^(n-1) S_in (aged to token 0).
+        Needs pieces=1; no chunk states.
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -526,6 +554,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"initial_state: expected {(batch, heads, dim_k, dim_v)}, got {initial_state.shape}")
     if block <= 0 or block % _TILE:
         raise ValueError(f"block must be a positive multiple of {_TILE}, got {block}")
+    if reverse and (pieces != 1 or chunk is not None):
+        raise ValueError(f"reverse needs pieces=1 and no chunk, got pieces={pieces}, chunk={chunk}")
     if chunk is not None and (chunk <= 0 or chunk % block):
         raise ValueError(f"chunk must be None or a positive multiple of block ({block}), got {chunk}")
     if pieces < 1 or stages not in (1, 2):
@@ -540,7 +570,7 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     q, k = (_pad_to(_pad_to(x, 1, padded), 3, _TILE) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, padded), 3, _TILE)
     dk, dv = q.shape[-1], v.shape[-1]
-    mask, qdec, kdec, sdec = decay_tables(rates, block=block, length=time, dim_k=dk, scale=scale)
+    mask, qdec, kdec, sdec = decay_tables(rates, block=block, length=time, dim_k=dk, scale=scale, reverse=reverse)
     s0 = None
     if initial_state is not None:
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, dk - dim_k), (0, dv - dim_v)))
@@ -571,9 +601,39 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
     out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
-        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, **common,
+        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse, **common,
     )
     o, finals = out[0][:, :time, :, :dim_v], out[1][:, -1, :, :dim_k, :dim_v]
     if chunk is None:
         return o, finals
     return o, finals, out[2][..., :dim_k, :dim_v]
+
+
+def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
+             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False):
+    """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
+
+        dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
+                                                           (dO_t . v_s) k_s + lambda^(t+1) dO_t S_in^T)
+        dV, G = forward(K, Q, dO; dL/dS_final, reverse)    anti-causal; G = dL/dS_in / lambda
+        dK = forward(V, dO, Q; (dL/dS_final)^T, reverse)
+
+    (the forward with its operands' roles exchanged computes each: the state it carries is S^T for
+    dQ and the reverse-time state G of the later tokens for dK and dV). Arguments as `forward`'s;
+    d_o like v, d_final fp32 [batch, heads, dim_k, dim_v] or None (zero). The reverse sweeps run
+    with pieces=1. Returns (dq, dk, dv in q's dtype, d_initial_state fp32 or None when
+    initial_state is None).
+
+    Interpreting, call it outside `jit`: it waits for each sweep before the next (three
+    interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
+    common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
+                  warp_specialized=warp_specialized, interpret=interpret)
+    wait = jax.block_until_ready if interpret else (lambda x: x)
+    d_o = d_o.astype(q.dtype)
+    s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
+    dq, _ = wait(forward(d_o, v, k, rates, s_in_t, pieces=pieces, **common))
+    dv, g = wait(forward(k, q, d_o, rates, d_final, reverse=True, **common))
+    d_final_t = None if d_final is None else jnp.swapaxes(d_final, -1, -2)
+    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, reverse=True, **common))
+    d_s_in = None if initial_state is None else jnp.exp(-rates.astype(jnp.float32))[None, :, None, None] * g
+    return dq, dk, dv, d_s_in

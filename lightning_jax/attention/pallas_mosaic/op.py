@@ -1,12 +1,13 @@
 """The entry point `lightning_attention_mosaic`: the Mosaic GPU forward in a `custom_vjp` whose
-gradients come from the Pallas-Triton backward kernels.
+gradients come from the Pallas-Triton backward kernels, or with `MosaicConfig(backward="mosaic")`
+from the Mosaic kernels themselves.
 
-Differentiated or not, the forward is the Mosaic kernel. Under `jax.grad`/`jax.vjp` it also writes
-the state entering every chunk of the Triton backward's plan (R^(j), the backward's residuals,
+Differentiated or not, the forward is the Mosaic kernel. For the Triton backward it also writes the
+state entering every chunk of the Triton plan (R^(j), the backward's residuals,
 `kernels.forward(chunk=)`), so the backward needs nothing else from a forward. Where the Triton
 plan's chunk is not a multiple of the Mosaic block (short sequences) the Triton forward runs
 instead; both compute the same function (each checked against the fp32 reference on the GPU,
-docs/kernels.md).
+docs/kernels.md). The Mosaic backward (`kernels.backward`) keeps only the inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax import lax
 
 from lightning_jax import checks
 from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, launch_plan
-from lightning_jax.attention.pallas_mosaic.kernels import forward
+from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
 from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_fwd
@@ -32,6 +33,8 @@ def _attention(settings, plan, q, k, v, rates, s_in):
 
 
 def _attention_fwd(settings, plan, q, k, v, rates, s_in):
+    if plan is None:  # the Mosaic backward: it needs the inputs only
+        return forward(q, k, v, rates, s_in, **dict(settings)), (q, k, v, rates, s_in)
     if plan.chunk % MOSAIC_BLOCK:
         return _triton_fwd(plan, q, k, v, rates, s_in)
     if plan.num_chunks == 1 and s_in is None:  # the Triton backward starts from a zero state
@@ -46,6 +49,12 @@ def _attention_fwd(settings, plan, q, k, v, rates, s_in):
 
 
 def _attention_bwd(settings, plan, residuals, cotangents):
+    if plan is None:
+        q, k, v, rates, s_in = residuals
+        d_o, d_final = cotangents
+        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, **dict(settings))
+        # The API refuses to differentiate rates (api.lightning_attention), so zero is never used wrongly.
+        return dq, dk, dv, jnp.zeros_like(rates), d_s_in
     return _triton_bwd(plan, residuals, cotangents)
 
 
@@ -65,9 +74,10 @@ def lightning_attention_mosaic(
     interpret: bool | None = None,
     segment_ids=None,
 ):
-    """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Pallas-Triton kernels. Shapes as
-    in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two stages
-    (<= 192 with `MosaicConfig(stages=1)`), any dim_v, any length. No segment ids yet.
+    """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Pallas-Triton backward (or the
+    Mosaic one, `MosaicConfig(backward="mosaic")`). Shapes as in `lightning_jax.attention.registry`;
+    q, k, v bfloat16 or float16, dim_k <= 128 with two stages (<= 192 with `MosaicConfig(stages=1)`),
+    any dim_v (the Mosaic backward: dim_v within the same limit), any length. No segment ids yet.
 
     `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
     interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
@@ -88,6 +98,11 @@ def lightning_attention_mosaic(
             "q", f"got dim_k {q.shape[-1]}, expected <= {stages_limit} for 'pallas_mosaic' with stages={config.stages} "
             "(shared memory); use 'pallas_triton' or 'pallas', which chooses"
         )
+    if config.backward == "mosaic" and v.shape[-1] > stages_limit:
+        raise checks.ArgumentError(
+            "v", f"got dim_v {v.shape[-1]}, expected <= {stages_limit} for the Mosaic backward with "
+            f"stages={config.stages} (its dQ and dK sweeps read dO and v as their q); use MosaicConfig(backward='triton')"
+        )
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
     batch, time, heads, _ = q.shape
     # Without a GPU (cross-lowering, interpret mode) gpu_facts() plans for an H100/H200.
@@ -101,7 +116,9 @@ def lightning_attention_mosaic(
         ("rows_per_program", config.rows_per_program or rows),
         ("interpret", interpret),
     )
-    plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
+    plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
+    if config.backward == "triton" or interpret:
+        plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
     rates = lax.optimization_barrier(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
