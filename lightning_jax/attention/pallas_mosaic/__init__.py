@@ -1,9 +1,10 @@
-"""Lightning attention's forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warp specialisation).
+"""Lightning attention as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
     config.py    MosaicConfig (the knobs) and launch_plan (pieces, rows per program from the shape)
-    kernels.py   the kernels: one warpgroup or three (memory, state, output), pieces, rows
+    kernels.py   the kernels: one warpgroup or three (memory, state, output), pieces, rows; the
+                 forward, its chunk states, and the backward as three sweeps of the same kernels
     op.py        lightning_attention_mosaic: the forward in a custom_vjp whose gradients come from
-                 the Pallas-Triton kernels (the Mosaic backward does not exist yet)
+                 the Pallas-Triton backward (or the Mosaic one, MosaicConfig(backward="mosaic"))
 
 Importing this package is light: the Mosaic GPU lowering code loads with `forward` and `op`.
 """

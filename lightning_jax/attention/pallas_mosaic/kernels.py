@@ -1,4 +1,5 @@
-"""Lightning Attention's forward as Pallas Mosaic GPU kernels (Hopper).
+"""Lightning Attention as Pallas Mosaic GPU kernels (Hopper): the forward, and the backward as three
+sweeps of the same kernels (`backward`; a reverse sweep walks the blocks last to first).
 
 Programs run over (64-wide value tile, head, group of rows), a row being one piece of one sequence
 (`forward`'s `pieces`, `rows_per_program`). Each walks its rows in blocks of `block` tokens,
