@@ -102,6 +102,17 @@ def rel_err(x, ref):
 CHECK_IMPLEMENTATION = "pallas"  # --check-implementation
 
 
+def op_arguments(name: str) -> dict:
+    """The op's keyword arguments for an implementation name of the check and the timing: a
+    registry name, or "mosaic_backward" (the Mosaic forward and the Mosaic backward,
+    `MosaicConfig(backward="mosaic")`)."""
+    if name == "mosaic_backward":
+        from lightning_jax.attention.pallas_mosaic import MosaicConfig
+
+        return dict(implementation="pallas_mosaic", config=MosaicConfig(backward="mosaic"))
+    return dict(implementation=name)
+
+
 def check_one(time_, dim, dtype, seed):
     heads = len(CHECK_RATES)
     rates = jnp.array(CHECK_RATES, jnp.float32)
@@ -116,7 +127,7 @@ def check_one(time_, dim, dtype, seed):
     # take 5-95 s each on an H200, mostly compiling.
     def ours(q, k, v, s_in, rates):
         return lightning_attention(
-            q, k, v, rates, initial_state=s_in, return_final_state=True, implementation=CHECK_IMPLEMENTATION
+            q, k, v, rates, initial_state=s_in, return_final_state=True, **op_arguments(CHECK_IMPLEMENTATION)
         )
 
     def ref(q, k, v, s_in, rates):
@@ -238,10 +249,12 @@ def jax_variants(shape, rates):
 
     def ours(impl):
         def f(q, k, v):
-            return lightning_attention(q, k, v, rates, implementation=impl)
+            return lightning_attention(q, k, v, rates, **op_arguments(impl))
         return f
 
-    for impl in ("pallas", "pallas_triton", "xla"):  # "pallas": the Mosaic forward where it covers the call
+    for impl in ("pallas", "pallas_triton", "xla", "mosaic_backward"):  # "pallas": the Mosaic forward where it covers the call
+        if impl == "mosaic_backward" and (shape[3] > 128 or jax.default_backend() != "gpu"):
+            continue  # the Mosaic backward's dims; on a CPU it would interpret
         variants[impl] = ours(impl)
     try:
         import jla.ops  # noqa: F401
@@ -510,7 +523,8 @@ def main():
     parser.add_argument("--check-set", default="full",
                         help=", ".join(CHECK_SETS) + ", or cases such as 1x256:bfloat16,4096x64:float32")
     parser.add_argument("--check-implementation", default="pallas",
-                        help="the implementation the check section runs (default pallas: it picks its backend)")
+                        help="the implementation the check section runs (default pallas: it picks its backend; "
+                             "mosaic_backward: pallas_mosaic with MosaicConfig(backward='mosaic'))")
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,
