@@ -305,9 +305,9 @@ def test_ctrl_c_saves_the_step_and_exits_130(tmp_path):
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr and len(stderr.splitlines()) == 2
 
 
-def test_second_ctrl_c_stops_at_once_unsaved(tmp_path):
-    workdir = str(tmp_path)
-    err_path = tmp_path / "stderr.txt"
+def _two_ctrl_c(workdir, err_path):
+    """Runs training, sends Ctrl-C once a step is logged and again once the first is acknowledged:
+    -> (return code, stdout, stderr)."""
     # Every step evaluates the whole held-out split (seconds here): the second Ctrl-C lands inside it.
     overrides = ("--config.steps=100000", "--config.eval.every_steps=1", "--config.eval.max_tokens=-1",
                  "--config.eval.batch_size=1")
@@ -318,12 +318,23 @@ def test_second_ctrl_c_stops_at_once_unsaved(tmp_path):
             wait_for(lambda: last_step(workdir) >= 1, proc, what="step 1")
             proc.send_signal(signal.SIGINT)
             wait_for(lambda: "SIGINT: finishing this step" in err_path.read_text(), proc, what="the first Ctrl-C")
-            proc.send_signal(signal.SIGINT)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=60)
         finally:
             proc.kill()
-    stderr = err_path.read_text()
-    assert proc.returncode == 130, stderr[-3000:]
+    return proc.returncode, out, err_path.read_text()
+
+
+def test_second_ctrl_c_stops_at_once_unsaved(tmp_path):
+    # The first Ctrl-C can land between two steps, where finishing is only the save: the run may
+    # then be done before the second arrives. That attempt proves nothing; try again (a new run).
+    for attempt in range(3):
+        workdir = str(tmp_path / f"run{attempt}")
+        rc, out, stderr = _two_ctrl_c(workdir, tmp_path / f"stderr{attempt}.txt")
+        if "stopped at once without saving" in stderr or "checkpoint" not in stderr:
+            break
+    assert rc == 130, stderr[-3000:]
     assert "stopped at once without saving" in stderr and "preempted" not in out, (out, stderr[-3000:])
     assert "Traceback" not in stderr and "Fatal Python error" not in stderr
     assert committed(workdir) == []
