@@ -1,4 +1,5 @@
-"""A TNL-385M decoding step (batch 1, the decoding layout, greedy `generate`) compiled with XLA GPU
+"""XLA's TNL-385M decoding step (`decode_implementation="xla"`, batch 1, the decoding layout, greedy
+`generate`) compiled with XLA GPU
 fusion options set per program (`jax.jit(..., compiler_options=)`): ms per step and whether the
 tokens match the default program's.
 
@@ -19,7 +20,8 @@ from flax import nnx
 from lightning_jax import generation
 from lightning_jax.models import TNL, TNLConfig
 TINY = "--tiny" in sys.argv
-cfg = (TNLConfig.tiny if TINY else TNLConfig.tnl_385m)(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+cfg = (TNLConfig.tiny if TINY else TNLConfig.tnl_385m)(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
+                                                      decode_implementation="xla")
 model = generation.decoding_model(TNL(cfg, rngs=nnx.Rngs(0)))
 tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (1, 256), dtype=np.int32)
 tok, mask, temp, top_p = generation._check_arguments(model, tokens, 129, 0.0, None, None, 0, None, None)

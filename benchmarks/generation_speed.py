@@ -31,7 +31,8 @@ whole bf16 KV cache read, as masked attention does) over `--hbm-tbps`.
 Default cells: {tnl, transformer} x prompts {1024, 32768, 131072} x batch {1, 64}, parameters bf16
 and layers scanned, plus `--variants` (default: TNL, batch 1, shortest prompt, with fp32 parameters,
 which every step casts to bf16, and with unscanned layers). Labels read model:params=..:scan=..
-(:attn=.. for the Transformer). `scan` is the layout the model is built in: sampling converts a
+(:attn=.. for the Transformer; :decode=xla|pallas for TNL's decoding step, `TNLConfig.decode_implementation`,
+when not the config's default). `scan` is the layout the model is built in: sampling converts a
 scanned model to one layer at a time first (`generation.decoding_model`), and so does this
 benchmark, so both layouts time the same program. One JSON line per cell, a markdown table last; the rows also go to
 $OUT/generation_speed.json when OUT is set.
@@ -60,7 +61,8 @@ from lightning_jax.models import TNL, TNLConfig, Transformer, TransformerConfig 
 from cells import parse_options, planned_bytes  # noqa: E402
 
 PARAMS = {"bf16": "bfloat16", "fp32": "float32"}
-VARIANT_KEYS = {"params": str, "scan": int, "attn": str, "prompt": int, "batch": int}
+VARIANT_KEYS = {"params": str, "scan": int, "attn": str, "decode": str, "prompt": int, "batch": int}
+DECODE = {"default": None, "xla": "xla", "pallas": "pallas"}  # TNLConfig.decode_implementation
 LONG_CALL_S = 2.0  # a call slower than this is timed by its first call alone
 
 
@@ -69,9 +71,10 @@ def _is_oom(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def make_config(model: str, params: str, scan: int, attn: str | None, tiny: bool):
+def make_config(model: str, params: str, scan: int, attn: str | None, tiny: bool, decode: str = "default"):
     common = dict(dtype="bfloat16", param_dtype=PARAMS[params], scan_layers=bool(scan))
     if model == "tnl":
+        common["decode_implementation"] = DECODE[decode]
         return TNLConfig.tiny(**common) if tiny else TNLConfig.tnl_385m(**common)
     common["attention_implementation"] = attn
     return TransformerConfig.tiny(**common) if tiny else TransformerConfig.transformer_385m(**common)
@@ -81,6 +84,8 @@ def label(cell: dict) -> str:
     text = f"{cell['model']}:params={cell['params']}:scan={cell['scan']}"
     if cell["model"] == "transformer":
         text += f":attn={cell['attn'] or 'default'}"
+    elif cell.get("decode", "default") != "default":
+        text += f":decode={cell['decode']}"
     return text
 
 
@@ -208,12 +213,14 @@ def make_cells(args) -> list[dict]:
     batches = [int(b) for b in args.batches.split(",")]
     if args.param_dtype not in PARAMS:
         raise SystemExit(f"--param-dtype: got {args.param_dtype!r}, expected one of {sorted(PARAMS)}")
-    base = {"params": args.param_dtype, "scan": args.scan, "attn": args.transformer_attention}
+    base = {"params": args.param_dtype, "scan": args.scan, "attn": args.transformer_attention, "decode": "default"}
     cells = [{"model": m, "prompt": p, "batch": b, **base} for m in models for p in prompts for b in batches]
     for text in filter(None, (args.variants or "").split(",")):
         variant = {**base, **parse_variant(text, prompts)}
         if variant["params"] not in PARAMS:
             raise SystemExit(f"--variants: params={variant['params']!r}, expected one of {sorted(PARAMS)}")
+        if variant["decode"] not in DECODE:
+            raise SystemExit(f"--variants: decode={variant['decode']!r}, expected one of {sorted(DECODE)}")
         if variant["model"] in models and variant not in cells:
             cells.append(variant)
     for cell in cells:
@@ -223,7 +230,7 @@ def make_cells(args) -> list[dict]:
             raise SystemExit(f"attention: got {cell['attn']!r}, expected cudnn, xla or default")
     # Cells of one model configuration run together: the model is built once for them.
     key = lambda c: (c["model"] != "tnl", c["params"] != args.param_dtype, c["scan"] != args.scan, c["params"],
-                     c["scan"], str(c["attn"]))
+                     c["scan"], str(c["attn"]), c["decode"])
     return sorted(cells, key=key)
 
 
@@ -255,7 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--param-dtype", default="bf16", help="parameters of the main cells: bf16 or fp32")
     parser.add_argument("--scan", type=int, default=1, help="main cells: 1 layers scanned, 0 unscanned")
     parser.add_argument("--variants", default="tnl:params=fp32,tnl:scan=0",
-                        help="extra cells MODEL[:key=value...], keys params, scan, attn, prompt, batch (default "
+                        help="extra cells MODEL[:key=value...], keys params, scan, attn, decode (TNL: xla, pallas "
+                             "or default), prompt, batch (default "
                              "batch 1 at the shortest prompt); '' for none")
     parser.add_argument("--transformer-attention", default=None,
                         help="cudnn, xla or default (the config's); default cudnn on a GPU, else the config's")
@@ -280,11 +288,11 @@ def main(argv=None) -> int:
           f"prefill chunk {args.prefill_chunk}", flush=True)
     rows, built, model_obj = [], None, None
     for cell in cells:
-        key = (cell["model"], cell["params"], cell["scan"], cell["attn"])
+        key = (cell["model"], cell["params"], cell["scan"], cell["attn"], cell["decode"])
         if key != built:
             model_obj = None
             gc.collect()
-            config = make_config(cell["model"], cell["params"], cell["scan"], cell["attn"], args.tiny)
+            config = make_config(cell["model"], cell["params"], cell["scan"], cell["attn"], args.tiny, cell["decode"])
             cls = TNL if cell["model"] == "tnl" else Transformer
             model_obj, built = cls(config, rngs=nnx.Rngs(0)), key
         row = run_cell(cell, model_obj, args)

@@ -5,6 +5,7 @@
     python benchmarks/profile_step.py --tiny                # CPU smoke run (no device kernels: host events)
     python benchmarks/profile_step.py --decode --batch 1    # one decoding step (generation) instead
     python benchmarks/profile_step.py --decode --batch 1 --decode-layout training
+    python benchmarks/profile_step.py --decode --batch 1 --decode-implementation xla
 
 Compiles the step, runs two warm-up steps, then traces `--steps` steps (`jax.profiler.trace` with a
 Perfetto trace), with XLA's CUDA graphs off. Each GPU kernel event names the HLO instruction it runs (`args.hlo_op`); the
@@ -142,6 +143,8 @@ def main() -> int:
                         help="keep XLA's CUDA graphs (kernels inside them cannot be attributed)")
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     parser.add_argument("--decode", action="store_true", help="profile a decoding step (generation)")
+    parser.add_argument("--decode-implementation", choices=("default", "xla", "pallas"), default="default",
+                        help="TNL's decoding step (TNLConfig.decode_implementation; default: the config's)")
     parser.add_argument("--decode-layout", choices=("decoding", "training"), default="decoding",
                         help="--decode: the weights as generation lays them out, or the training layout")
     args = parser.parse_args()
@@ -216,7 +219,9 @@ def profile_decode(args) -> int:
 
     config_cls, cls = (TNLConfig, TNL) if args.model == "tnl" else (TransformerConfig, Transformer)
     preset = "tiny" if args.tiny else ("tnl_385m" if args.model == "tnl" else "transformer_385m")
-    config = getattr(config_cls, preset)(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False)
+    extra = {} if args.model != "tnl" or args.decode_implementation == "default" else {
+        "decode_implementation": args.decode_implementation}
+    config = getattr(config_cls, preset)(dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, **extra)
     model = cls(config, rngs=nnx.Rngs(0))
     if args.decode_layout == "decoding":
         model = generation.decoding_model(model)

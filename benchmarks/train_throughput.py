@@ -4,6 +4,7 @@ report's Table 1: TNL flat, the Transformer falling with context).
 
     python benchmarks/train_throughput.py                   # on the GPU machine
     python benchmarks/train_throughput.py --tiny            # tiny models, short contexts, on CPU
+    python benchmarks/train_throughput.py --models tnl,tnl_triton --contexts 2048,65536   # attention backends
     OUT=/tmp/out python benchmarks/train_throughput.py --contexts 1024,4096 --steps 5
 
 Each cell times full training steps (forward, backward, AdamW update; bf16 compute, fp32 master
@@ -39,6 +40,9 @@ def model_configs(tiny: bool, remat: str):
     common = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=remat)
     return {
         "tnl": TNLConfig.tnl_385m(**common),
+        # The same model with the attention pinned to the Pallas-Triton kernels both ways (the
+        # default "pallas" runs the Mosaic GPU forward on Hopper where it covers the call).
+        "tnl_triton": TNLConfig.tnl_385m(attention_implementation="pallas_triton", **common),
         # The config's default attention, as the main job runs it: cuDNN flash attention on a GPU
         # (transformer.default_softmax_implementation).
         "transformer": TransformerConfig.transformer_385m(**common),
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", default=None, help="comma-separated, default 1024,4096,16384,65536")
     parser.add_argument("--tokens-per-step", type=int, default=None, help="default 65536 (1024 with --tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per cell (default 10, 3 with --tiny)")
-    parser.add_argument("--models", default="tnl,transformer")
+    parser.add_argument("--models", default="tnl,transformer",
+                        help="from tnl, tnl_triton (TNL-385M with attention_implementation='pallas_triton'), transformer")
     parser.add_argument("--remat", default="full", help="remat policy of the 385M models (default full)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak; default by device kind")
     args = parser.parse_args(argv)

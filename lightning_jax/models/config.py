@@ -33,6 +33,9 @@ SOFTMAX_IMPLEMENTATIONS = (None, "xla", "cudnn")
 # TNL's activation on q and k (the official config's "linear_act_fun"): silu in the released
 # models; relu and none (identity) for checkpoints trained with those.
 ATTENTION_ACTIVATIONS = ("silu", "relu", "none")
+# How TNL runs a decoding step: None picks the fused Pallas kernels on a GPU where they cover the
+# call (tnl_decode.covers) and XLA otherwise; "pallas" insists on them (interpret mode off a GPU).
+DECODE_IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,10 @@ class TNLConfig(_CommonConfig):
     `output_gate`: the mixer multiplies its normed output by the gate u (as published); False drops
     u and its projection (the paper's "without gate" ablation: D x heads x head_dim fewer per layer).
     `attention_implementation` / `block_size` are passed to `lightning_attention` (None: its default).
+    `decode_implementation` runs the decoding step of generation (one of DECODE_IMPLEMENTATIONS):
+    "xla", "pallas" (each layer in five fused kernels, `lightning_jax.models.tnl_decode`; the model
+    must be in the decoding layout, as `generation.decoding_model` returns it), or None: "pallas" on
+    a GPU where it covers the call (batch <= 8, one device), "xla" otherwise.
     """
 
     glu_dim: int = 128
@@ -101,6 +108,7 @@ class TNLConfig(_CommonConfig):
     output_gate: bool = True
     attention_implementation: str | None = None
     block_size: int | None = None
+    decode_implementation: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,6 +124,7 @@ class TNLConfig(_CommonConfig):
         check_bool("output_gate", self.output_gate)
         check_choice("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
         check_power_of_two("block_size", self.block_size, allow_none=True)
+        check_choice("decode_implementation", self.decode_implementation, DECODE_IMPLEMENTATIONS)
 
     # Presets ---------------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "none": "none", 
 OFFICIAL_NORM_EPS = 1e-6
 OFFICIAL_DECAY = "tnl"
 # TNLConfig fields a checkpoint fixes; the others (dtype, param_dtype, scan_layers, remat,
-# attention_implementation, block_size, init_std) are free choices of the run.
+# attention_implementation, block_size, decode_implementation, init_std) are free choices of the run.
 ARCHITECTURE_FIELDS = (
     "vocab_size", "num_layers", "hidden_dim", "num_heads", "head_dim", "glu_dim", "lrpe_layers",
     "attention_activation", "scale_embedding", "tie_embeddings", "decay", "norm_eps", "output_gate",

@@ -26,7 +26,7 @@ from flax import nnx
 from lightning_jax.attention import decode_step, lightning_attention
 from lightning_jax.attention.api import check_segment_ids
 from lightning_jax.checks import ArgumentError, check_choice, check_instance, check_int
-from lightning_jax.models import layers
+from lightning_jax.models import layers, tnl_decode
 from lightning_jax.models.config import TNLConfig
 from lightning_jax.models.sharding import constrain, context_axis_of, logical_to_spec, sharded_call
 from lightning_jax.models.stack import LayerStack
@@ -166,6 +166,20 @@ class TNLBlock(nnx.Module):
     def _norm(self, x):
         return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
 
+    def _fused_decode(self, batch: int) -> bool | None:
+        """None: decode with XLA; else decode with tnl_decode's kernels, interpreted if True."""
+        choice = self.config.decode_implementation
+        on_gpu = not tnl_decode.interpreted()
+        if choice == "xla" or (choice is None and not on_gpu):
+            return None
+        reason = tnl_decode.covers(self, batch)
+        if reason is None:
+            return not on_gpu
+        if choice == "pallas":
+            raise ValueError(f"decode_implementation: got 'pallas', but the fused decoding kernels cannot run "
+                             f"this step: {reason}")
+        return None
+
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
                  time: str | None = "time", segment_ids=None):
         h, state = self.mixer(self._norm(x), rates, positions, pad_mask, initial_state=initial_state,
@@ -175,6 +189,11 @@ class TNLBlock(nnx.Module):
         return constrain(x, ("batch", time, None)), state
 
     def decode(self, x, rates, positions, state):
+        """One token: x [batch, 1, D] -> (x, the new state); positions [batch, 1]; state fp32
+        [batch, heads, dim_k, head_dim]. Five fused kernels or XLA (`config.decode_implementation`)."""
+        interpret = self._fused_decode(x.shape[0])
+        if interpret is not None:
+            return tnl_decode.block_decode(self, x, rates, positions, state, interpret=interpret)
         h, state = self.mixer.decode(self._norm(x), rates, positions, state)
         x = x + h.astype(x.dtype)
         return x + self.glu(self._norm(x)).astype(x.dtype), state
