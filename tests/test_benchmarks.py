@@ -101,6 +101,29 @@ def test_generation_speed_tiny_runs_every_cell(tmp_path):
     assert "| cell | prompt | batch |" in proc.stdout
 
 
+def test_generation_speed_times_either_decoding_step(tmp_path):
+    # --variants tnl:decode=...: TNL's decoding step pinned to the fused kernels (interpreted on
+    # CPU) or to XLA, both checked against generate(); a bad value names the flag.
+    import json
+    import os
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "OUT": str(tmp_path)}
+    command = [sys.executable, "benchmarks/generation_speed.py", "--tiny", "--models", "tnl", "--prompts", "16",
+               "--batches", "1", "--variants"]
+    proc = subprocess.run(command + ["tnl:decode=pallas,tnl:decode=xla:batch=2"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "generation_speed.json").read_text())["rows"]
+    assert {(r["label"], r["batch"], r["status"]) for r in rows} == {
+        ("tnl:params=bf16:scan=1", 1, "ok"), ("tnl:params=bf16:scan=1:decode=pallas", 1, "ok"),
+        ("tnl:params=bf16:scan=1:decode=xla", 2, "ok")}
+    proc = subprocess.run(command + ["tnl:decode=cuda"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "--variants: decode='cuda'" in proc.stderr
+
+
 @pytest.mark.parametrize("layout", ["decoding", "training"])
 def test_profile_step_decode_tiny_runs(layout):
     # benchmarks/profile_step.py --decode on CPU: the Sampler timings and the profile run (a CPU
