@@ -192,7 +192,10 @@ def test_chunk_states_are_the_prefix_states(batch, time, chunk, kw, initial_stat
     "batch,time,dim_k,dim_v,initial_state,d_final,kw",
     [(1, 150, 64, 64, True, True, {}), (2, 130, 64, 64, False, False, dict(warp_specialized=True, rows_per_program=2)),
      (1, 200, 128, 64, True, False, dict(pieces=2)), (1, 64, 64, 128, False, True, dict(warp_specialized=True)),
-     (2, 1, 64, 64, True, True, {})],
+     (2, 1, 64, 64, True, True, {}),
+     # pieces in all three sweeps; the last piece ends in a whole padding block (260 tokens: blocks
+     # 0-2 and 3-5, block 4 holds 4 tokens, block 5 none)
+     (1, 260, 64, 64, True, True, dict(pieces=2))],
 )
 def test_backward_matches_the_oracle_gradients(batch, time, dim_k, dim_v, initial_state, d_final, kw):
     from lightning_jax.attention.pallas_mosaic import backward
@@ -214,6 +217,23 @@ def test_backward_matches_the_oracle_gradients(batch, time, dim_k, dim_v, initia
             continue
         assert a.shape == b.shape and a.dtype == (jnp.float32 if name == "d_initial_state" else jnp.bfloat16), name
         assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
+
+
+@pytest.mark.parametrize("time,pieces,initial_state,kw", [
+    (260, 2, True, {}),  # the last piece ends in a whole padding block
+    (330, 4, False, dict(warp_specialized=True)),  # 6 blocks: 3 pieces of 2, a ragged last block
+    (200, 4, True, dict(rows_per_program=2)),  # 4 blocks: 4 pieces of one, two per program
+])
+def test_reverse_sweep_in_pieces_matches_one_piece(time, pieces, initial_state, kw):
+    """The anti-causal sweep cut into pieces (a first kernel sums each piece but the first, a scan
+    from the last piece to the first links them) gives the one-piece sweep's outputs and state."""
+    q, k, v, s_in = _inputs(1, time, 2, 64, 64, seed=time)
+    rates = jnp.array([0.001, 0.01])  # slow decays: every piece's start state matters
+    s_in = s_in if initial_state else None
+    o1, g1 = _run(q, k, v, rates, s_in, reverse=True, scale=0.5)
+    op, gp = _run(q, k, v, rates, s_in, reverse=True, scale=0.5, pieces=pieces, **kw)
+    assert _rel_per_head(op, o1, 2) < 1e-2
+    assert _rel_per_head(gp, g1, 1) < 1e-4  # fp32 sums in another order
 
 
 def test_launch_plan():
@@ -361,6 +381,14 @@ def test_op_cross_lowers_with_the_mosaic_backward():
     loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()
     text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "triton" not in text
+    # Pieces in the reverse sweeps too (their first kernel and the link scan).
+    from lightning_jax.attention.pallas_mosaic import backward
+
+    long = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((1, 2, 64, 64), jnp.float32)
+    grads = lambda q, k, v, d_o, s_in, d_f: backward(q, k, v, rates, s_in, d_o, d_f, pieces=4, interpret=False)
+    text = jax.jit(grads).trace(long, long, long, long, s, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 5  # dQ, dV and dK sweeps, and two reverse first kernels
     wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
     narrow = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="v: got dim_v 256, expected <= 128 for the Mosaic backward"):

@@ -28,8 +28,9 @@ class MosaicConfig:
       short programs.
     gradients: the `TritonConfig` of the Triton backward (None: its defaults).
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes)
-      or "mosaic" (`kernels.backward`: three sweeps of the Mosaic kernels, no saved states; not yet
-      measured on a GPU, so not the default). Interpret mode always runs the Triton backward.
+      or "mosaic" (`kernels.backward`: three sweeps of the Mosaic kernels, no saved states; checked
+      on an H200 and timed at one shape only, so not the default). Interpret mode always runs the
+      Triton backward.
     """
 
     stages: int = 2

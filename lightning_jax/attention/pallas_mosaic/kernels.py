@@ -535,7 +535,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
       reverse: the anti-causal sweep instead, the backward's (`backward`): blocks from last to first,
         o_t = sum_(s >= t) scale lambda^(s-t) (q_t . k_s) v_s + lambda^(n-1-t) q_t S_in, and the
         returned state is G = sum_s scale lambda^s k_s^T v_s + lambda^(n-1) S_in (aged to token 0).
-        Needs pieces=1; no chunk states.
+        With pieces, a first kernel sums each piece but the first from zero, and a scan from the
+        last piece to the first gives each its start state. No chunk states.
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -555,8 +556,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"initial_state: expected {(batch, heads, dim_k, dim_v)}, got {initial_state.shape}")
     if block <= 0 or block % _TILE:
         raise ValueError(f"block must be a positive multiple of {_TILE}, got {block}")
-    if reverse and (pieces != 1 or chunk is not None):
-        raise ValueError(f"reverse needs pieces=1 and no chunk, got pieces={pieces}, chunk={chunk}")
+    if reverse and chunk is not None:
+        raise ValueError(f"reverse takes no chunk states, got chunk={chunk}")
     if chunk is not None and (chunk <= 0 or chunk % block):
         raise ValueError(f"chunk must be None or a positive multiple of block ({block}), got {chunk}")
     if pieces < 1 or stages not in (1, 2):
@@ -578,7 +579,10 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     common = dict(block=block, stages=stages, real_blocks=real_blocks, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret)
 
-    if pieces > 1:
+    if pieces > 1 and reverse:
+        s0 = _reverse_starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
+                             shape=(batch, time, heads, dk, dv), **common)
+    elif pieces > 1:
         # The state each piece but the last adds from a zero start, then each piece's start state.
         # Every piece but the last is whole, so each ages the state by lambda^(blocks_per_piece * block).
         head = pieces - 1
@@ -604,10 +608,37 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
         has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse, **common,
     )
-    o, finals = out[0][:, :time, :, :dim_v], out[1][:, -1, :, :dim_k, :dim_v]
+    # The state after the sweep: the last piece's, or in reverse the first piece's.
+    o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
     if chunk is None:
         return o, finals
     return o, finals, out[2][..., :dim_k, :dim_v]
+
+
+def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, shape, real_blocks, **common):
+    """The reverse sweep's start state of each piece, fp32 [batch, pieces, heads, dk, dv].
+
+    Piece p starts from G_(p+1): the later tokens' terms aged to piece p + 1's first token. The last
+    piece starts from S_in (it enters at the last token, inside the sweep). A first kernel sums
+    each piece but the first from zero, A_p = sum over its tokens s of scale lambda^(s - first)
+    k_s^T v_s (the reverse tables); then G_(P-1) = lambda^(n - 1 - first_(P-1)) S_in + A_(P-1)
+    and G_p = lambda^(span) G_(p+1) + A_p for the whole pieces before it."""
+    batch, _, heads, dk, dv = shape
+    span = blocks_per_piece * common["block"]
+    adds = _sweep(  # pieces 1 .. P-1: the block kinds count from the cut (real_blocks less one piece)
+        [k[:, span:], v[:, span:], kdec, sdec], outputs=False, shape=shape, pieces=pieces - 1,
+        blocks_per_piece=blocks_per_piece, real_blocks=real_blocks - blocks_per_piece, has_s0=False, reverse=True,
+        **common,
+    )
+    rates = rates.astype(jnp.float32)[:, None, None]
+    last = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
+    after_last = jnp.exp(-rates * (time - 1 - (pieces - 1) * span)) * last + adds[:, -1]
+
+    def link(state, add):  # state: G_(p+1), the start of piece p -> G_p, the start of piece p - 1
+        return jnp.exp(-rates * span) * state + add, state
+
+    first, middle = lax.scan(link, after_last, jnp.moveaxis(adds[:, :-1], 1, 0)[::-1])  # pieces P-2 .. 1
+    return jnp.concatenate([first[:, None], jnp.moveaxis(middle[::-1], 0, 1), last[:, None]], axis=1)
 
 
 def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
@@ -621,9 +652,8 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
 
     (the forward with its operands' roles exchanged computes each: the state it carries is S^T for
     dQ and the reverse-time state G of the later tokens for dK and dV). Arguments as `forward`'s;
-    d_o like v, d_final fp32 [batch, heads, dim_k, dim_v] or None (zero). The reverse sweeps run
-    with pieces=1. Returns (dq, dk, dv in q's dtype, d_initial_state fp32 or None when
-    initial_state is None).
+    d_o like v, d_final fp32 [batch, heads, dim_k, dim_v] or None (zero). Returns (dq, dk, dv in q's dtype, d_initial_state fp32 or None when
+    initial_state is None). `pieces` cuts the sequence for all three sweeps.
 
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
@@ -633,8 +663,8 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
     dq, _ = wait(forward(d_o, v, k, rates, s_in_t, pieces=pieces, **common))
-    dv, g = wait(forward(k, q, d_o, rates, d_final, reverse=True, **common))
+    dv, g = wait(forward(k, q, d_o, rates, d_final, pieces=pieces, reverse=True, **common))
     d_final_t = None if d_final is None else jnp.swapaxes(d_final, -1, -2)
-    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, reverse=True, **common))
+    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, pieces=pieces, reverse=True, **common))
     d_s_in = None if initial_state is None else jnp.exp(-rates.astype(jnp.float32))[None, :, None, None] * g
     return dq, dk, dv, d_s_in
