@@ -41,6 +41,7 @@ $OUT/generation_speed.json when OUT is set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -171,6 +172,14 @@ def run_cell(cell: dict, model_obj, args) -> dict:
             raise AssertionError(f"generated tokens: got shapes {out1.shape} {out2.shape}")
         # Recorded, not enforced: the two programs may round the logits differently (near ties).
         row["first_tokens_agree"] = bool(np.array_equal(out1[:, 0], out2[:, 0]))
+        if args.compare_xla and cell["model"] == "tnl" and cell["decode"] != "xla":
+            # The same weights (same seed) decoding with XLA's step: greedy tokens, compared.
+            xla = TNL(dataclasses.replace(config, decode_implementation="xla"), rngs=nnx.Rngs(0))
+            other = np.asarray(generation.generate(xla, tokens, n2, temperature=0.0, rng=jax.random.key(0),
+                                                   prefill_chunk=chunk))
+            same = np.all(other == out2, axis=0)
+            row["same_tokens_as_xla"] = int(n2 if same.all() else np.argmin(same))  # leading steps that agree
+            del xla
         if args.check_generate:  # the public function gives the tokens timed here
             public = np.asarray(generation.generate(model_obj, tokens, n2, temperature=0.0, rng=jax.random.key(0),
                                                     prefill_chunk=chunk))
@@ -268,6 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--transformer-attention", default=None,
                         help="cudnn, xla or default (the config's); default cudnn on a GPU, else the config's")
     parser.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth of the floor (H200: 4.8)")
+    parser.add_argument("--compare-xla", action="store_true",
+                        help="TNL cells not pinned to XLA's decoding step: also generate with it (same weights) and "
+                             "record how many leading greedy tokens agree (same_tokens_as_xla, of 1 + steps)")
     parser.add_argument("--check-generate", action="store_true",
                         help="also call the public generate() per cell and compare tokens (default with --tiny)")
     args = parser.parse_args(argv)

@@ -36,7 +36,8 @@ from lightning_jax.training.config import OptimConfig
 
 def model_configs(tiny: bool, remat: str):
     if tiny:
-        return {"tnl": TNLConfig.tiny(), "transformer": TransformerConfig.tiny()}
+        return {"tnl": TNLConfig.tiny(), "tnl_triton": TNLConfig.tiny(attention_implementation="pallas_triton"),
+                "transformer": TransformerConfig.tiny()}
     common = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=remat)
     return {
         "tnl": TNLConfig.tnl_385m(**common),

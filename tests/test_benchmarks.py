@@ -112,13 +112,15 @@ def test_generation_speed_times_either_decoding_step(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "OUT": str(tmp_path)}
     command = [sys.executable, "benchmarks/generation_speed.py", "--tiny", "--models", "tnl", "--prompts", "16",
                "--batches", "1", "--variants"]
-    proc = subprocess.run(command + ["tnl:decode=pallas,tnl:decode=xla:batch=2"], cwd=root, env=env,
+    proc = subprocess.run(command + ["tnl:decode=pallas,tnl:decode=xla:batch=2", "--compare-xla"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "generation_speed.json").read_text())["rows"]
     assert {(r["label"], r["batch"], r["status"]) for r in rows} == {
         ("tnl:params=bf16:scan=1", 1, "ok"), ("tnl:params=bf16:scan=1:decode=pallas", 1, "ok"),
         ("tnl:params=bf16:scan=1:decode=xla", 2, "ok")}
+    for r in rows:  # greedy tokens of the fused kernels against XLA's step, same weights: all 1 + 4 agree
+        assert r.get("same_tokens_as_xla") == (None if r["decode"] == "xla" else 5), r["label"]
     proc = subprocess.run(command + ["tnl:decode=cuda"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "--variants: decode='cuda'" in proc.stderr
