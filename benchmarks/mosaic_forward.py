@@ -7,7 +7,7 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
         [--out F.json]
 
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
-the rows per program: w2p4g1. Timing as in attention.py: back-to-back calls with one sync per batch
+the rows per program, and r for the masked scores multiplied by V from registers: w2p4g1, w2p1g1r. Timing as in attention.py: back-to-back calls with one sync per batch
 of calls, medians of 9. Every timed row is the forward alone (o; the final state is computed but not
 returned): under jax.grad "pallas" runs the Triton forward, so its forward+backward is attention.py's.
 """
@@ -37,23 +37,30 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
     (1, 777, 2, 64, 256, True, 2, 2, True),
     (6, 300, 2, 64, 64, True, 2, 2, True),
     (1, 2048, 2, 192, 64, False, 1, 1, False),
+    # the masked scores multiplied by V from registers (scores_in_registers)
+    (2, 1000, 4, 128, 128, True, 1, 2, True, True),
+    (1, 4099, 8, 128, 128, False, 4, 2, True, True),
 ]
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program
-VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2"]
+# name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; a final r:
+# the masked scores multiplied by V from registers (scores_in_registers, three warpgroups only)
+VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
+            "w2p1g1r", "w2p4g1r"]
 
 
 def check(case):
-    batch, time, heads, dk, dv, with_s0, pieces, stages, ws = case
+    batch, time, heads, dk, dv, with_s0, pieces, stages, ws, *registers = case
     rows_per_program = 3 if batch == 6 else 1
     keys = jax.random.split(jax.random.PRNGKey(time), 4)
     q, k = (jax.random.normal(key, (batch, time, heads, dk), jnp.bfloat16) for key in keys[:2])
     v = jax.random.normal(keys[2], (batch, time, heads, dv), jnp.bfloat16)
     s0 = jax.random.normal(keys[3], (batch, heads, dk, dv), jnp.float32) if with_s0 else None
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
-    o, final = jax.jit(lambda *a: forward(*a, pieces=pieces, stages=stages, rows_per_program=rows_per_program, warp_specialized=ws))(q, k, v, rates, s0)
+    o, final = jax.jit(lambda *a: forward(*a, pieces=pieces, stages=stages, rows_per_program=rows_per_program,
+                                          warp_specialized=ws, scores_in_registers=bool(registers)))(q, k, v, rates, s0)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     zero = jnp.zeros((batch, heads, dk, dv), jnp.float32)
     want_o, want_final = jax.jit(chunked_reference)(*up, rates, zero if s0 is None else s0)
@@ -92,13 +99,14 @@ def time_shape(shape, variants):
     programs = batch * heads * (dim // 64)
     for name in variants:
         ws, stages = name[0] == "w", int(name[1])
-        pieces, rows = (int(x) for x in name[3:].split("g"))
+        registers = name.endswith("r")
+        pieces, rows = (int(x) for x in name[3:].rstrip("r").split("g"))
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
-        fn = jax.jit(lambda q, k, v, s=stages, p=pieces, g=rows, w=ws: forward(
-            q, k, v, rates, pieces=p, stages=s, rows_per_program=g, warp_specialized=w)[0])
+        fn = jax.jit(lambda q, k, v, s=stages, p=pieces, g=rows, w=ws, r=registers: forward(
+            q, k, v, rates, pieces=p, stages=s, rows_per_program=g, warp_specialized=w, scores_in_registers=r)[0])
         try:
             row[name] = time_jax(fn, arg_sets)
         except Exception as e:  # noqa: BLE001

@@ -346,7 +346,9 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
     [(130, 64, 64, True, {}), (64, 128, 256, False, {}), (4096, 128, 128, True, dict(warp_specialized=True, pieces=4)),
      (1000, 128, 64, False, dict(warp_specialized=True, rows_per_program=2)),
      (500, 192, 64, True, dict(stages=1)), (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, chunk=1024)),
-     (1000, 64, 64, False, dict(chunk=256))],
+     (1000, 64, 64, False, dict(chunk=256)),
+     (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=True)),
+     (4096, 128, 128, False, dict(warp_specialized=True, scores_in_registers=True, pieces=4, chunk=1024))],
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU
@@ -409,3 +411,5 @@ def test_rejects_bad_arguments():
         forward(q, k, v, rates, block=32, interpret=INTERPRET)
     with pytest.raises(ValueError, match="rates"):
         forward(q, k, v, jnp.zeros((2,)), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="scores_in_registers needs"):
+        forward(q, k, v, rates, warp_specialized=True, scores_in_registers=True, interpret=INTERPRET)

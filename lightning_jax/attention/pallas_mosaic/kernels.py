@@ -70,6 +70,19 @@ def _mm(a_ref, b_ref):
     return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
 
 
+def _mm_registers(a, b_ref):
+    """fp32 a @ b with a in registers (16-bit, WGMMA layout) and b in shared memory: wgmma reads A
+    from registers, so a needs no shared-memory staging. GPU only: interpret mode has no rule for
+    this form."""
+    m, n = a.shape[0], b_ref.shape[1]
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
+
+
 def _rows(vec, shape):
     """Broadcast a (shape[0],) vector along the columns of `shape` (scales rows)."""
     return lax.broadcast_in_dim(vec, shape, [0])
@@ -260,7 +273,8 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
-               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False):
+               real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
+               scores_in_registers=False):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -364,10 +378,14 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.barrier_wait(full.at[3 * slot])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
                 scores = _mm(q_s.at[slot], k_s.at[slot].transpose((1, 0))) * mask
-                p_s[...] = scores.astype(dt)
-                plgpu.commit_smem()
-                plgpu.barrier_wait(full.at[3 * slot + 2])
-                o = _mm(p_s, v_s.at[slot])
+                if scores_in_registers:  # (P V with A from registers: no staging of P)
+                    plgpu.barrier_wait(full.at[3 * slot + 2])
+                    o = _mm_registers(scores.astype(dt), v_s.at[slot])
+                else:
+                    p_s[...] = scores.astype(dt)
+                    plgpu.commit_smem()
+                    plgpu.barrier_wait(full.at[3 * slot + 2])
+                    o = _mm(p_s, v_s.at[slot])
                 plgpu.barrier_wait(ready.at[n % 2])
                 o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(_block_qdec(qdec_s, g, real_blocks), (block, tile_v))
                 plgpu.barrier_arrive(free.at[n % 2])
@@ -466,7 +484,7 @@ def _interpret_params(interpret):
 
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
-           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False):
+           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -482,7 +500,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         common["reverse"] = True
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
-        kernel = functools.partial(_kernel_ws, **common)
+        kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers, **common)
     else:
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
@@ -502,10 +520,11 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized", "interpret", "chunk", "reverse"))
+@functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
+                                             "interpret", "chunk", "reverse", "scores_in_registers"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-            chunk: int | None = None, reverse: bool = False):
+            chunk: int | None = None, reverse: bool = False, scores_in_registers: bool = False):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -537,6 +556,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         returned state is G = sum_s scale lambda^s k_s^T v_s + lambda^(n-1) S_in (aged to token 0).
         With pieces, a first kernel sums each piece but the first from zero, and a scan from the
         last piece to the first gives each its start state. No chunk states.
+      scores_in_registers: the three-warpgroup kernel multiplies the masked scores by V with wgmma
+        reading them from registers instead of staging them in shared memory (what jla does). GPU
+        only (interpret mode has no rule for it), needs warp_specialized; opt-in until measured.
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -564,6 +586,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
     if time == 0:
         raise ValueError("time must be positive")
+    if scores_in_registers and (not warp_specialized or interpret is not False):
+        raise ValueError("scores_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
+                         "has no rule for wgmma with A in registers)")
 
     real_blocks = pl.cdiv(time, block)
     blocks_per_piece = pl.cdiv(real_blocks, pieces)
@@ -606,7 +631,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
     out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
-        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse, **common,
+        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
+        scores_in_registers=scores_in_registers, **common,
     )
     # The state after the sweep: the last piece's, or in reverse the first piece's.
     o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
