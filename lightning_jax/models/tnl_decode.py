@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plt
 from lightning_jax.models import layers
 
 F32 = jnp.float32
-MAX_BATCH = 2  # from batch 4 on XLA's step was faster on an H200 (docs/benchmarks.md)
+MAX_BATCH = 2  # at batch 4 XLA's step was faster on an H200 (docs/benchmarks.md)
 _ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}
 
 
@@ -46,9 +46,9 @@ _ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}
 class DecodeTiles:
     """Tile sizes of the fused decoding kernels (powers of two).
 
-    block_n: weight rows (outputs) per program of a projection; block_k: the input slice read per
-    slice (unrolled); value_tile: the state's value columns per program of the recurrence. The
-    defaults were the fastest of a sweep on an H200 at batch 1 (docs/benchmarks.md)."""
+    block_n: weight rows (outputs) per program of a projection; block_k: the width of its input
+    slices (unrolled, not looped); value_tile: the state's value columns per program of the
+    recurrence. The defaults were the fastest of a sweep on an H200 at batch 1 (docs/benchmarks.md)."""
 
     block_n: int = 4
     block_k: int = 512
@@ -96,7 +96,7 @@ def covers(block, batch: int) -> str | None:
 
 def block_decode(block, x, rates, positions, state, *, tiles: DecodeTiles = DecodeTiles(),
                  interpret: bool = False):
-    """`TNLBlock.decode` in five kernels.
+    """`TNLBlock.decode` in five kernels: four of ours, then XLA's product with W_3.
 
     Args:
       block: a TNLBlock whose projection weights hold their input axes last (`covers`).
