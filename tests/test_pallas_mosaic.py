@@ -397,6 +397,38 @@ def test_op_cross_lowers_with_the_mosaic_backward():
         lightning_attention(narrow, narrow, wide, jnp.zeros((1,)), implementation="pallas_mosaic", config=config)
 
 
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+def test_context_parallel_cross_lowers(backward):
+    """context_axis= (one sequence over two devices) runs the Mosaic kernels on each slice: the
+    gradient program has the Mosaic kernels, the states' all-gather, and the Triton kernels only
+    with the Triton backward."""
+    from tests.test_pallas import _H100
+
+    axis = "context"
+    mesh = jax.sharding.AbstractMesh((2,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=_H100)
+    tokens = jax.P(None, axis)
+    rates = jnp.array([0.1, 0.2])
+
+    def per_device(q, k, v, s0):
+        return lightning_attention(q, k, v, rates, initial_state=s0, return_final_state=True, context_axis=axis,
+                                   implementation="pallas_mosaic", interpret=False,
+                                   config=MosaicConfig(backward=backward))
+
+    split = jax.shard_map(per_device, mesh=mesh, in_specs=(tokens,) * 3 + (jax.P(),), out_specs=(tokens, jax.P()),
+                          check_vma=False)
+
+    def loss(q, k, v, s0):
+        o, final = split(q, k, v, s0)
+        return o.astype(jnp.float32).sum() + final.sum()
+
+    q = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    s0 = jax.ShapeDtypeStruct((1, 2, 64, 64), jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(q, q, q, s0).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "all_gather" in text
+    assert ("triton" in text) == (backward == "triton")
+
+
 def test_cross_lowering_checks_shared_memory():
     with pytest.raises(ValueError, match="shared memory"):
         _lower(64, 1024, 64, False)
