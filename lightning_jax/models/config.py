@@ -98,7 +98,7 @@ class TNLConfig(_CommonConfig):
     `decode_implementation` runs the decoding step of generation (one of DECODE_IMPLEMENTATIONS):
     "xla", "pallas" (each layer in five fused kernels, `lightning_jax.models.tnl_decode`; the model
     must be in the decoding layout, as `generation.decoding_model` returns it), or None: "pallas" on
-    a GPU where it covers the call (batch <= 8, one device), "xla" otherwise.
+    a GPU where it covers the call (batch <= 2, one device), "xla" otherwise.
     """
 
     glu_dim: int = 128

@@ -109,6 +109,10 @@ def _transposed(value: jax.Array, perm: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(value, perm)
 
 
+# TNL's activations on q and k by name (TNLConfig.attention_activation; "none": identity).
+ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}
+
+
 def srms_norm(x: jax.Array, eps: float, *, axes=(-1,)) -> jax.Array:
     """Simple RMSNorm (no weight): x / sqrt(mean(x^2) + eps) over `axes`, computed in fp32."""
     x32 = x.astype(F32)

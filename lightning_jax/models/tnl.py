@@ -103,7 +103,7 @@ class TokenMixer(nnx.Module):
         dtype = jnp.dtype(self.config.dtype)
         q, k, v, *u = layers.project("btd,dfhk->fbthk", x, self.qkvu, dtype)
         u = u[0] if u else None  # None: no output gate
-        activation = {"silu": jax.nn.silu, "relu": jax.nn.relu, "none": None}[self.config.attention_activation]
+        activation = layers.ACTIVATIONS[self.config.attention_activation]
         if activation is not None:
             q, k = activation(q), activation(k)
         if self.lrpe is not None:

@@ -604,27 +604,10 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     common = dict(block=block, stages=stages, real_blocks=real_blocks, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret)
 
-    if pieces > 1 and reverse:
-        s0 = _reverse_starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
-                             shape=(batch, time, heads, dk, dv), **common)
-    elif pieces > 1:
-        # The state each piece but the last adds from a zero start, then each piece's start state.
-        # Every piece but the last is whole, so each ages the state by lambda^(blocks_per_piece * block).
-        head = pieces - 1
-        adds = _sweep(
-            [k[:, : head * blocks_per_piece * block], v[:, : head * blocks_per_piece * block], kdec, sdec],
-            outputs=False, shape=(batch, time, heads, dk, dv), pieces=head, blocks_per_piece=blocks_per_piece,
-            has_s0=False, **common,
-        )
-        age = jnp.exp(-rates.astype(jnp.float32) * (blocks_per_piece * block))[:, None, None]
-        start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s0 is None else s0
-
-        def link(state, add):
-            return age * state + add, state
-
-        _, starts = lax.scan(link, start, jnp.moveaxis(adds, 1, 0))  # starts of pieces 0 .. pieces - 2
-        last_start = age * starts[-1] + adds[:, -1]
-        s0 = jnp.concatenate([jnp.moveaxis(starts, 0, 1), last_start[:, None]], axis=1)
+    if pieces > 1:
+        starts = _reverse_starts if reverse else _forward_starts
+        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
+                    shape=(batch, time, heads, dk, dv), **common)
     elif s0 is not None:
         s0 = s0[:, None]
 
@@ -639,6 +622,28 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     if chunk is None:
         return o, finals
     return o, finals, out[2][..., :dim_k, :dim_v]
+
+
+def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, shape, **common):
+    """The forward's start state of each piece, fp32 [batch, pieces, heads, dk, dv]: a first kernel
+    sums each piece but the last from zero (U_p, aged to the piece's last token), then a scan from
+    the first piece gives piece p + 1 its start lambda^(span) R_p + U_p, from R_0 = S_in. Every
+    piece but the last is whole, so each ages the state by lambda^(span)."""
+    del time  # the reverse sweep's signature: the forward's pieces do not need the length
+    batch, _, heads, dk, dv = shape
+    span = blocks_per_piece * common["block"]
+    head = pieces - 1
+    adds = _sweep([k[:, : head * span], v[:, : head * span], kdec, sdec], outputs=False, shape=shape, pieces=head,
+                  blocks_per_piece=blocks_per_piece, has_s0=False, **common)
+    age = jnp.exp(-rates.astype(jnp.float32) * span)[:, None, None]
+    start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
+
+    def link(state, add):
+        return age * state + add, state
+
+    _, starts = lax.scan(link, start, jnp.moveaxis(adds, 1, 0))  # starts of pieces 0 .. pieces - 2
+    last_start = age * starts[-1] + adds[:, -1]
+    return jnp.concatenate([jnp.moveaxis(starts, 0, 1), last_start[:, None]], axis=1)
 
 
 def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, shape, real_blocks, **common):
