@@ -104,12 +104,12 @@ CHECK_IMPLEMENTATION = "pallas"  # --check-implementation
 
 def op_arguments(name: str) -> dict:
     """The op's keyword arguments for an implementation name of the check and the timing: a
-    registry name, or "mosaic_backward" (the Mosaic forward and the Mosaic backward,
-    `MosaicConfig(backward="mosaic")`)."""
-    if name == "mosaic_backward":
+    registry name, or "mosaic_backward" / "triton_backward" (the Mosaic forward with the Mosaic or
+    the Triton backward pinned: `MosaicConfig(backward=...)`)."""
+    if name in ("mosaic_backward", "triton_backward"):
         from lightning_jax.attention.pallas_mosaic import MosaicConfig
 
-        return dict(implementation="pallas_mosaic", config=MosaicConfig(backward="mosaic"))
+        return dict(implementation="pallas_mosaic", config=MosaicConfig(backward=name.split("_")[0]))
     return dict(implementation=name)
 
 
@@ -252,9 +252,11 @@ def jax_variants(shape, rates):
             return lightning_attention(q, k, v, rates, **op_arguments(impl))
         return f
 
-    for impl in ("pallas", "pallas_triton", "xla", "mosaic_backward"):  # "pallas": the Mosaic forward where it covers the call
-        if impl == "mosaic_backward" and (shape[3] > 128 or jax.default_backend() != "gpu"):
-            continue  # the Mosaic backward's dims; on a CPU it would interpret
+    # "pallas": the Mosaic kernels where they cover the call; "triton_backward": the Mosaic forward
+    # with the Triton backward, what "pallas" ran before the Mosaic backward became its choice.
+    for impl in ("pallas", "pallas_triton", "xla", "triton_backward"):
+        if impl == "triton_backward" and (shape[3] > 128 or jax.default_backend() != "gpu"):
+            continue  # the Mosaic forward's dims; on a CPU it would interpret
         variants[impl] = ours(impl)
     try:
         import jla.ops  # noqa: F401
@@ -524,7 +526,7 @@ def main():
                         help=", ".join(CHECK_SETS) + ", or cases such as 1x256:bfloat16,4096x64:float32")
     parser.add_argument("--check-implementation", default="pallas",
                         help="the implementation the check section runs (default pallas: it picks its backend; "
-                             "mosaic_backward: pallas_mosaic with MosaicConfig(backward='mosaic'))")
+                             "mosaic_backward / triton_backward: pallas_mosaic with that backward pinned)")
     parser.add_argument("--check-shard", default="0/1",
                         help="I/N: run cases i with i %% N == I (N processes share the GPU)")
     parser.add_argument("--shapes", default=None,

@@ -16,7 +16,7 @@ import pytest
 
 from lightning_jax.attention import MosaicConfig, TritonConfig, lightning_attention, reference
 from lightning_jax.attention.pallas import choose_backend
-from lightning_jax.attention.pallas_mosaic import launch_plan
+from lightning_jax.attention.pallas_mosaic import choose_backward, launch_plan
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 if not hasattr(plgpu, "InterpretGPUParams"):
@@ -356,12 +356,42 @@ def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     assert "mosaic_gpu" in _lower(time, dim_k, dim_v, initial_state, **kw)
 
 
+def test_choose_backward():
+    """The Mosaic backward without pieces and with dim_v in its limit; Triton otherwise."""
+    assert choose_backward(1, 128, 2) == "mosaic"
+    assert choose_backward(1, 64, 2) == "mosaic"
+    assert choose_backward(4, 128, 2) == "triton"  # pieces: the reverse sweeps read everything twice
+    assert choose_backward(1, 256, 2) == "triton"  # dim_v past the sweeps' shared memory
+    assert choose_backward(1, 192, 1) == "mosaic"
+    assert choose_backward(1, 256, 1) == "triton"
+
+
+def _gradient_text(config, time=256):
+    q = jax.ShapeDtypeStruct((1, time, 2, 64), jnp.bfloat16)
+    rates = jnp.array([0.1, 0.2])
+    op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                             config=config)
+    loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        return jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_op_chooses_the_backward():
+    """MosaicConfig(backward=None): the Mosaic backward without pieces; the Triton one with pieces
+    (4 pieces asked for) or with a TritonConfig for the gradients."""
+    assert "triton" not in _gradient_text(None)
+    assert "triton" in _gradient_text(MosaicConfig(pieces=4), time=1024)
+    assert "triton" in _gradient_text(MosaicConfig(gradients=TritonConfig()))
+
+
 def test_op_cross_lowers_with_triton_gradients():
     """The op's primal lowers to the Mosaic kernel; its gradient to the Mosaic forward (with chunk
     states) and the Triton backward kernels."""
     q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
     rates = jnp.array([0.1, 0.2])
-    op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False)
+    op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                             config=MosaicConfig(backward="triton"))
     forward_text = jax.jit(op).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in forward_text and "triton" not in forward_text
     loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()

@@ -1,8 +1,9 @@
 """`implementation="pallas"`: the best Pallas backend for this device and call.
 
 Two backends exist: Pallas-Triton (`pallas_triton/`, any NVIDIA GPU, every feature) and Pallas
-Mosaic GPU (`pallas_mosaic/`, Hopper only; a faster forward, gradients by the Triton backward).
-"pallas" takes the Mosaic forward where it covers the call and Triton everywhere else, so it is the
+Mosaic GPU (`pallas_mosaic/`, Hopper only; a faster forward, and a backward that is faster where
+no piece-cutting is needed). "pallas" takes the Mosaic kernels where they cover the call (the
+backward as `pallas_mosaic.config.choose_backward` says) and Triton everywhere else, so it is the
 GPU default; name "pallas_triton" or "pallas_mosaic" to pin one.
 """
 
@@ -64,8 +65,8 @@ def lightning_attention_pallas(
     interpret: bool | None = None,
     segment_ids=None,
 ):
-    """Shapes as in `lightning_jax.attention.registry`. `config` tunes the Triton kernels (the
-    backward always, the forward where Triton runs it)."""
+    """Shapes as in `lightning_jax.attention.registry`. `config` tunes the Triton kernels; given, it
+    also pins the Triton backward where the Mosaic forward runs (the forward stays Mosaic there)."""
     backend = choose_backend(q.shape, v.shape[-1], q.dtype, segments=segment_ids is not None, block_size=block_size,
                              interpret=interpret)
     if backend == "mosaic":

@@ -1,15 +1,16 @@
 """Lightning attention as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
-    config.py    MosaicConfig (the knobs) and launch_plan (pieces, rows per program from the shape)
+    config.py    MosaicConfig (the knobs), launch_plan (pieces, rows per program from the shape) and
+                 choose_backward (the Mosaic or the Triton backward)
     kernels.py   the kernels: one warpgroup or three (memory, state, output), pieces, rows; the
                  forward, its chunk states, and the backward as three sweeps of the same kernels
     op.py        lightning_attention_mosaic: the forward in a custom_vjp whose gradients come from
-                 the Pallas-Triton backward (or the Mosaic one, MosaicConfig(backward="mosaic"))
+                 the Mosaic backward or the Pallas-Triton one (MosaicConfig.backward)
 
 Importing this package is light: the Mosaic GPU lowering code loads with `forward` and `op`.
 """
 
-from lightning_jax.attention.pallas_mosaic.config import MosaicConfig, launch_plan
+from lightning_jax.attention.pallas_mosaic.config import MosaicConfig, choose_backward, launch_plan
 
 
 def __getattr__(name):
@@ -25,4 +26,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MosaicConfig", "backward", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]
+__all__ = ["MosaicConfig", "backward", "choose_backward", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]

@@ -1,6 +1,6 @@
 """The entry point `lightning_attention_mosaic`: the Mosaic GPU forward in a `custom_vjp` whose
-gradients come from the Pallas-Triton backward kernels, or with `MosaicConfig(backward="mosaic")`
-from the Mosaic kernels themselves.
+gradients come from the Mosaic kernels themselves (`kernels.backward`) or from the Pallas-Triton
+backward kernels: `MosaicConfig.backward`, by default `config.choose_backward`.
 
 Differentiated or not, the forward is the Mosaic kernel. For the Triton backward it also writes the
 state entering every chunk of the Triton plan (R^(j), the backward's residuals,
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lightning_jax import checks
-from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, launch_plan
+from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, choose_backward, launch_plan
 from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
@@ -74,8 +74,8 @@ def lightning_attention_mosaic(
     interpret: bool | None = None,
     segment_ids=None,
 ):
-    """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Pallas-Triton backward (or the
-    Mosaic one, `MosaicConfig(backward="mosaic")`). Shapes as in `lightning_jax.attention.registry`;
+    """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Mosaic backward or the
+    Pallas-Triton one (`MosaicConfig.backward`; None chooses, `config.choose_backward`). Shapes as in `lightning_jax.attention.registry`;
     q, k, v bfloat16 or float16, dim_k <= 128 with two stages (<= 192 with `MosaicConfig(stages=1)`),
     any dim_v (the Mosaic backward: dim_v within the same limit), any length. No segment ids yet.
 
@@ -107,17 +107,21 @@ def lightning_attention_mosaic(
     batch, time, heads, _ = q.shape
     # Without a GPU (cross-lowering, interpret mode) gpu_facts() plans for an H100/H200.
     pieces, rows = launch_plan(batch, time, heads, v.shape[-1], gpu_facts().sm_count)
+    pieces = config.pieces or pieces
+    backward_kind = config.backward
+    if backward_kind is None:  # a TritonConfig for the gradients asks for the Triton backward
+        backward_kind = "triton" if config.gradients is not None else choose_backward(pieces, v.shape[-1], config.stages)
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
         ("stages", config.stages),
         ("warp_specialized", config.warp_specialized),
-        ("pieces", config.pieces or pieces),
+        ("pieces", pieces),
         ("rows_per_program", config.rows_per_program or rows),
         ("interpret", interpret),
     )
     plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
-    if config.backward == "triton" or interpret:
+    if backward_kind == "triton" or interpret:
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
     rates = lax.optimization_barrier(rates.astype(jnp.float32))
     if initial_state is not None:
