@@ -7,8 +7,10 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
         [--out F.json]
 
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
-the rows per program, and r for the masked scores multiplied by V from registers: w2p4g1, w2p1g1r. Timing as in attention.py: back-to-back calls with one sync per batch
-of calls, medians of 9. Every timed row is the forward alone (o; the final state is computed but not
+the rows per program, then r for the masked scores multiplied by V from registers and i for the
+state warpgroup computing the inter-block term Q S (three warpgroups only): w2p4g1, w2p1g1r,
+w2p1g1ri. Timing as in attention.py: back-to-back calls with one sync per batch of calls, medians
+of 9. Every timed row is the forward alone (o; the final state is computed but not
 returned): under jax.grad "pallas" runs the Triton forward, so its forward+backward is attention.py's.
 """
 
@@ -29,7 +31,7 @@ from lightning_jax.attention.pallas import choose_backend  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
-CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, warp-specialised)
+CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, warp-specialised[, r[, i]])
     (1, 1, 2, 64, 64, True, 1, 2, True),
     (2, 1000, 4, 128, 128, True, 1, 2, True),
     (1, 4099, 8, 128, 128, False, 4, 2, True),
@@ -40,19 +42,23 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
     # the masked scores multiplied by V from registers (scores_in_registers)
     (2, 1000, 4, 128, 128, True, 1, 2, True, True),
     (1, 4099, 8, 128, 128, False, 4, 2, True, True),
+    # the state warpgroup computes the inter-block term (state_computes_inter), alone and with r
+    (2, 1000, 4, 128, 128, True, 1, 2, True, False, True),
+    (1, 4099, 8, 128, 128, False, 4, 2, True, True, True),
 ]
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
-# name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program
-# name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; a final r:
-# the masked scores multiplied by V from registers (scores_in_registers, three warpgroups only)
+# name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
+# the masked scores multiplied by V from registers (scores_in_registers), i: the state warpgroup
+# computes Q S (state_computes_inter); both for three warpgroups only
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
-            "w2p1g1r", "w2p4g1r"]
+            "w2p1g1r", "w2p4g1r", "w2p1g1i", "w2p1g1ri"]
 
 
 def check(case):
-    batch, time, heads, dk, dv, with_s0, pieces, stages, ws, *registers = case
+    batch, time, heads, dk, dv, with_s0, pieces, stages, ws, *flags = case
+    registers, inter = (list(flags) + [False, False])[:2]
     rows_per_program = 3 if batch == 6 else 1
     keys = jax.random.split(jax.random.PRNGKey(time), 4)
     q, k = (jax.random.normal(key, (batch, time, heads, dk), jnp.bfloat16) for key in keys[:2])
@@ -60,7 +66,8 @@ def check(case):
     s0 = jax.random.normal(keys[3], (batch, heads, dk, dv), jnp.float32) if with_s0 else None
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
     o, final = jax.jit(lambda *a: forward(*a, pieces=pieces, stages=stages, rows_per_program=rows_per_program,
-                                          warp_specialized=ws, scores_in_registers=bool(registers)))(q, k, v, rates, s0)
+                                          warp_specialized=ws, scores_in_registers=registers,
+                                          state_computes_inter=inter))(q, k, v, rates, s0)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     zero = jnp.zeros((batch, heads, dk, dv), jnp.float32)
     want_o, want_final = jax.jit(chunked_reference)(*up, rates, zero if s0 is None else s0)
@@ -99,14 +106,16 @@ def time_shape(shape, variants):
     programs = batch * heads * (dim // 64)
     for name in variants:
         ws, stages = name[0] == "w", int(name[1])
-        registers = name.endswith("r")
-        pieces, rows = (int(x) for x in name[3:].rstrip("r").split("g"))
+        flags = name[3:].lstrip("0123456789g")  # r: scores in registers; i: the state warpgroup computes Q S
+        registers, inter = "r" in flags, "i" in flags
+        pieces, rows = (int(x) for x in name[3:].rstrip("ri").split("g"))
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
-        fn = jax.jit(lambda q, k, v, s=stages, p=pieces, g=rows, w=ws, r=registers: forward(
-            q, k, v, rates, pieces=p, stages=s, rows_per_program=g, warp_specialized=w, scores_in_registers=r)[0])
+        fn = jax.jit(lambda q, k, v, s=stages, p=pieces, g=rows, w=ws, r=registers, i=inter: forward(
+            q, k, v, rates, pieces=p, stages=s, rows_per_program=g, warp_specialized=w, scores_in_registers=r,
+            state_computes_inter=i)[0])
         try:
             row[name] = time_jax(fn, arg_sets)
         except Exception as e:  # noqa: BLE001
