@@ -9,9 +9,10 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
 the rows per program, then r for the masked scores multiplied by V from registers and i for the
 state warpgroup computing the inter-block term Q S (three warpgroups only): w2p4g1, w2p1g1r,
-w2p1g1ri. Timing as in attention.py: back-to-back calls with one sync per batch of calls, medians
-of 9. Every timed row is the forward alone (o; the final state is computed but not
-returned): under jax.grad "pallas" runs the Triton forward, so its forward+backward is attention.py's.
+w2p1g1ri; prefixed with b: (b:w2p1g1i) the variant times the Mosaic backward (`kernels.backward`,
+its three sweeps) instead of the forward. Timing as in attention.py: back-to-back calls with one
+sync per batch of calls, medians of 9. The other rows are the forward alone (o; the final state is
+computed but not returned); the op's forward + backward is attention.py's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from attention import FAMILY_A, chunked_reference, copy_bandwidth, jax_variants,
 
 from lightning_jax.attention import lightning_attention  # noqa: E402
 from lightning_jax.attention.pallas import choose_backend  # noqa: E402
-from lightning_jax.attention.pallas_mosaic import forward  # noqa: E402
+from lightning_jax.attention.pallas_mosaic import backward, forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
 CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, warp-specialised[, r[, i]])
@@ -105,17 +106,21 @@ def time_shape(shape, variants):
     blocks = -(-time // 64)
     programs = batch * heads * (dim // 64)
     for name in variants:
-        ws, stages = name[0] == "w", int(name[1])
-        flags = name[3:].lstrip("0123456789g")  # r: scores in registers; i: the state warpgroup computes Q S
+        grads, kernel = name.startswith("b:"), name.removeprefix("b:")
+        ws, stages = kernel[0] == "w", int(kernel[1])
+        flags = kernel[3:].lstrip("0123456789g")  # r: scores in registers; i: the state warpgroup computes Q S
         registers, inter = "r" in flags, "i" in flags
-        pieces, rows = (int(x) for x in name[3:].rstrip("ri").split("g"))
+        pieces, rows = (int(x) for x in kernel[3:].rstrip("ri").split("g"))
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
-        fn = jax.jit(lambda q, k, v, s=stages, p=pieces, g=rows, w=ws, r=registers, i=inter: forward(
-            q, k, v, rates, pieces=p, stages=s, rows_per_program=g, warp_specialized=w, scores_in_registers=r,
-            state_computes_inter=i)[0])
+        options = dict(pieces=pieces, stages=stages, rows_per_program=rows, warp_specialized=ws,
+                       scores_in_registers=registers, state_computes_inter=inter)
+        if grads:  # the Mosaic backward alone (three sweeps), v standing in for dO
+            fn = jax.jit(lambda q, k, v, o=options: backward(q, k, v, rates, None, v, None, **o)[:3])
+        else:
+            fn = jax.jit(lambda q, k, v, o=options: forward(q, k, v, rates, **o)[0])
         try:
             row[name] = time_jax(fn, arg_sets)
         except Exception as e:  # noqa: BLE001
@@ -128,19 +133,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=None, help="comma-separated BxTxHxD (default: family a and three of b)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-check", action="store_true", help="no kernel checks and no op checks")
+    ap.add_argument("--check-cases", default=None, help="comma-separated indices into CHECKS (default: all)")
     ap.add_argument("--variants", default="", help="comma-separated kernel variants to time, or 'all'")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {}}
-    for case in [] if args.skip_check else CHECKS:  # the kernels
+    cases = CHECKS if args.check_cases is None else [CHECKS[int(i)] for i in args.check_cases.split(",")]
+    for case in [] if args.skip_check else cases:  # the kernels
         try:
             err_o, err_s = check(case)
             results["checks"].append(dict(case=list(case), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
         except Exception as e:  # noqa: BLE001
             results["checks"].append(dict(case=list(case), error=repr(e)[:500]))
         log("check", results["checks"][-1])
-    for shape in OP_CHECKS:  # the op as users call it
+    for shape in [] if args.skip_check else OP_CHECKS:  # the op as users call it
         err_o, err_s = check_op(shape)
         results["checks"].append(dict(op_shape=list(shape), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
         log("check", results["checks"][-1])
@@ -162,7 +169,8 @@ def main():
         backend = choose_backend((b, t, h, d), d, jnp.bfloat16)
         log(f"{key:18s} {floor:6.3f} {fmt(ms.get('pallas'))} {backend:7s} {fmt(ms.get('pallas_triton'))} "
             f"{fmt(ms.get('jla'))} {fmt(mos.get(best))} {best:7s} | "
-            + " ".join(f"{k}={v:.3f}" for k, v in mos.items()))
+            + " ".join(f"{k}={v:.3f}" for k, v in mos.items())
+            + "".join(f" {k}={v:.3f}" for k, v in ms.items() if k.startswith("b:")))
 
 
 if __name__ == "__main__":
