@@ -123,16 +123,14 @@ def test_no_races_and_no_uninitialised_reads():
 # Three warpgroups (memory, state, output) and the launch layouts: pieces of a sequence with start
 # states from the first kernel and the scan; several rows per program, the loads running ahead
 # across rows; one stage and two.
-# state_computes_inter: the state warpgroup hands over diag(qdec) Q S instead of S.
 @pytest.mark.parametrize(
-    "batch,time,pieces,rows,stages,inter",
-    [(1, 200, 1, 1, 2, False), (2, 130, 1, 2, 1, False), (1, 300, 3, 1, 2, False), (2, 260, 4, 8, 2, False),
-     (3, 64, 1, 3, 2, False), (1, 200, 1, 1, 2, True), (2, 260, 2, 2, 1, True)],
+    "batch,time,pieces,rows,stages",
+    [(1, 200, 1, 1, 2), (2, 130, 1, 2, 1), (1, 300, 3, 1, 2), (2, 260, 4, 8, 2), (3, 64, 1, 3, 2)],
 )
-def test_warp_specialized_matches_quadratic(batch, time, pieces, rows, stages, inter):
+def test_warp_specialized_matches_quadratic(batch, time, pieces, rows, stages):
     q, k, v, s_in = _inputs(batch, time, 2, 64, 128, seed=time)
     _check(q, k, v, jnp.array([0.0, 0.3]), s_in, pieces=pieces, rows_per_program=rows, stages=stages,
-           warp_specialized=True, state_computes_inter=inter)
+           warp_specialized=True)
 
 
 @pytest.mark.parametrize("pieces,rows", [(2, 1), (3, 2)])
@@ -153,11 +151,6 @@ def test_warp_specialized_no_races():
     o, final, states = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
                             chunk=64, interpret=params)  # chunk states share the state's fp32 buffer
     assert not gpu_callbacks.get_races().races_found
-    o2, final2 = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
-                      state_computes_inter=True, interpret=params)  # the inter-block terms' two buffers
-    assert not gpu_callbacks.get_races().races_found
-    np.testing.assert_allclose(np.asarray(final2), np.asarray(final), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(o2, np.float32), np.asarray(o, np.float32), rtol=2e-2, atol=2e-2)
     assert np.isfinite(np.asarray(states)).all()
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
 
@@ -202,9 +195,7 @@ def test_chunk_states_are_the_prefix_states(batch, time, chunk, kw, initial_stat
      (2, 1, 64, 64, True, True, {}),
      # pieces in all three sweeps; the last piece ends in a whole padding block (260 tokens: blocks
      # 0-2 and 3-5, block 4 holds 4 tokens, block 5 none)
-     (1, 260, 64, 64, True, True, dict(pieces=2)),
-     # the state warpgroup computes the inter-block term in every sweep (incl. the reverse ones)
-     (1, 150, 64, 64, True, True, dict(warp_specialized=True, state_computes_inter=True))],
+     (1, 260, 64, 64, True, True, dict(pieces=2))],
 )
 def test_backward_matches_the_oracle_gradients(batch, time, dim_k, dim_v, initial_state, d_final, kw):
     from lightning_jax.attention.pallas_mosaic import backward
@@ -358,8 +349,7 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
      (1000, 64, 64, False, dict(chunk=256)),
      (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=True)),
      (4096, 128, 128, False, dict(warp_specialized=True, scores_in_registers=True, pieces=4, chunk=1024)),
-     (4096, 128, 128, True, dict(warp_specialized=True, state_computes_inter=True, chunk=1024)),
-     (4096, 128, 128, True, dict(warp_specialized=True, state_computes_inter=True, scores_in_registers=True))],
+     (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=False))],  # the staged form
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU

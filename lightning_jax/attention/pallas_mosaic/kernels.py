@@ -274,7 +274,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
-               scores_in_registers=False, state_computes_inter=False):
+               scores_in_registers=False):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -284,9 +284,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     - output (wg 0): O = ((Q K^T) * D) V + diag(qdec) Q S, stored by TMA.
 
     The output warpgroup's three matmuls per block overlap the state warpgroup's one and the loads.
-    With `state_computes_inter` the state warpgroup also computes the inter-block term
-    diag(qdec) Q S itself (from its own bf16 S) and publishes that fp32 [block, tile_v] instead of
-    S, so each compute warpgroup issues two matmuls per block. Barriers: full (a copy landed), consumed (both compute warpgroups are done with a slot), ready
+    Barriers: full (a copy landed), consumed (both compute warpgroups are done with a slot), ready
     (a bf16 state is published) and free (the output warpgroup has read it). Every arrival is waited
     for before the program ends (the interpreter checks it; on the GPU it keeps warpgroups together).
     """
@@ -304,8 +302,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces, reverse)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, full, consumed, ready,
-               free, tbars, done, *inter):
-        inter_s = inter[0] if state_computes_inter else None  # fp32 [2, block, tile_v]: diag(qdec) Q S
+               free, tbars, done):
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
@@ -335,9 +332,6 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
             plgpu.copy_gmem_to_smem(sdec_ref.at[h], sdec_s, tbars.at[1])
             plgpu.barrier_wait(tbars.at[0])
             plgpu.barrier_wait(tbars.at[1])
-            if state_computes_inter:
-                plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[3])
-                plgpu.barrier_wait(tbars.at[3])
 
             def step(n, s):
                 slot = n % stages
@@ -351,14 +345,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 def _():
                     plgpu.barrier_wait(free.at[n % 2])
 
-                if state_computes_inter:  # r_s is this warpgroup's own operand: one buffer
-                    r_s.at[0][...] = s.astype(dt)
-                    plgpu.commit_smem()
-                    plgpu.barrier_wait(full.at[3 * slot])
-                    qdec = _block_qdec(qdec_s, g, real_blocks)
-                    inter_s.at[n % 2][...] = _mm(q_s.at[slot], r_s.at[0]) * _rows(qdec, (block, tile_v))
-                else:
-                    r_s.at[n % 2][...] = s.astype(dt)
+                r_s.at[n % 2][...] = s.astype(dt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready.at[n % 2])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
@@ -380,10 +367,9 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         def _output():
             plgpu.set_max_registers(232, action="increase")
             plgpu.copy_gmem_to_smem(mask_ref.at[h], mask_s, tbars.at[2])
+            plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[3])
             plgpu.barrier_wait(tbars.at[2])
-            if not state_computes_inter:
-                plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[3])
-                plgpu.barrier_wait(tbars.at[3])
+            plgpu.barrier_wait(tbars.at[3])
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
 
             def step(n, carry):
@@ -401,10 +387,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                     plgpu.barrier_wait(full.at[3 * slot + 2])
                     o = _mm(p_s, v_s.at[slot])
                 plgpu.barrier_wait(ready.at[n % 2])
-                if state_computes_inter:
-                    o = o + plgpu.load(inter_s.at[n % 2], layout=wgmma)
-                else:
-                    o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(_block_qdec(qdec_s, g, real_blocks), (block, tile_v))
+                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(_block_qdec(qdec_s, g, real_blocks), (block, tile_v))
                 plgpu.barrier_arrive(free.at[n % 2])
                 plgpu.barrier_arrive(consumed.at[slot])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_s
@@ -426,7 +409,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         _smem_operand((stages, block, tile_v), dt),  # v
         _smem_operand((block, block), dt),  # masked scores
         _smem_operand((block, tile_v), dt),  # decayed v
-        _smem_operand((1 if state_computes_inter else 2, dim_k, tile_v), dt),  # bf16 states
+        _smem_operand((2, dim_k, tile_v), dt),  # bf16 states for the output warpgroup
         _smem_operand((block, tile_v), dt),  # o
         plgpu.SMEM((block, block), jnp.float32),
         plgpu.SMEM((3, block), jnp.float32),
@@ -439,7 +422,6 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         plgpu.Barrier(num_barriers=2),  # free
         plgpu.Barrier(num_barriers=5),  # tables and initial states
         plgpu.Barrier(num_arrivals=3),  # done
-        *([plgpu.SMEM((2, block, tile_v), jnp.float32)] if state_computes_inter else []),  # inter-block terms
         collective_axes="wg",
     )
 
@@ -502,8 +484,7 @@ def _interpret_params(interpret):
 
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
-           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
-           state_computes_inter=False):
+           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -519,8 +500,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         common["reverse"] = True
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
-        kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
-                                   state_computes_inter=state_computes_inter, **common)
+        kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers, **common)
     else:
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
@@ -541,12 +521,10 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
-                                             "interpret", "chunk", "reverse", "scores_in_registers",
-                                             "state_computes_inter"))
+                                             "interpret", "chunk", "reverse", "scores_in_registers"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-            chunk: int | None = None, reverse: bool = False, scores_in_registers: bool = False,
-            state_computes_inter: bool = False):
+            chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -580,10 +558,10 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         last piece to the first gives each its start state. No chunk states.
       scores_in_registers: the three-warpgroup kernel multiplies the masked scores by V with wgmma
         reading them from registers instead of staging them in shared memory (what jla does). GPU
-        only (interpret mode has no rule for it), needs warp_specialized; opt-in until measured.
-      state_computes_inter: the three-warpgroup kernel's state warpgroup computes the inter-block
-        term diag(qdec) Q S and hands it over in fp32, balancing two matmuls per block on each
-        compute warpgroup instead of three and one. Needs warp_specialized; opt-in until measured.
+        only (interpret mode has no rule for it), needs warp_specialized. None (the default): on
+        wherever it can run (warp_specialized and interpret=False); on an H200 it took the forward
+        from 0.388 to 0.367-0.370 ms at 4 x 16,384 x 16 x 128 and the backward's three sweeps from
+        1.093 to 1.057 ms (docs/kernels.md).
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -611,11 +589,11 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
     if time == 0:
         raise ValueError("time must be positive")
+    if scores_in_registers is None:  # the GPU's faster form wherever it can run
+        scores_in_registers = warp_specialized and interpret is False
     if scores_in_registers and (not warp_specialized or interpret is not False):
         raise ValueError("scores_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
                          "has no rule for wgmma with A in registers)")
-    if state_computes_inter and not warp_specialized:
-        raise ValueError("state_computes_inter needs warp_specialized=True (it moves work between warpgroups)")
 
     real_blocks = pl.cdiv(time, block)
     blocks_per_piece = pl.cdiv(real_blocks, pieces)
@@ -642,7 +620,7 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
         has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
-        scores_in_registers=scores_in_registers, state_computes_inter=state_computes_inter, **common,
+        scores_in_registers=scores_in_registers, **common,
     )
     # The state after the sweep: the last piece's, or in reverse the first piece's.
     o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
@@ -701,7 +679,7 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
 
 def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-             scores_in_registers: bool = False, state_computes_inter: bool = False):
+             scores_in_registers: bool | None = None):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -717,8 +695,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
-                  warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
-                  state_computes_inter=state_computes_inter)
+                  warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers)
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
