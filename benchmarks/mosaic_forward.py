@@ -7,9 +7,9 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
         [--out F.json]
 
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
-the rows per program, then r for the masked scores multiplied by V from registers (three
-warpgroups only; the kernels' default on the GPU, so a name without r times the staged form):
-w2p4g1, w2p1g1r; prefixed with b: (b:w2p1g1r) the variant times the Mosaic backward (`kernels.backward`,
+the rows per program, then r for the masked scores multiplied by V from registers (the kernels'
+default on the GPU, so a name without r times the staged form) and u for the state update's
+K^T diag(kdec) from registers (three warpgroups only): w2p4g1, w2p1g1r, w2p1g1ru; prefixed with b: (b:w2p1g1r) the variant times the Mosaic backward (`kernels.backward`,
 its three sweeps) instead of the forward. Timing as in attention.py: back-to-back calls with one
 sync per batch of calls, medians of 9. The other rows are the forward alone (o; the final state is
 computed but not returned); the op's forward + backward is attention.py's.
@@ -32,7 +32,7 @@ from lightning_jax.attention.pallas import choose_backend  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import backward, forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
-CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, warp-specialised[, r])
+CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, warp-specialised[, r[, u]])
     (1, 1, 2, 64, 64, True, 1, 2, True),
     (2, 1000, 4, 128, 128, True, 1, 2, True),
     (1, 4099, 8, 128, 128, False, 4, 2, True),
@@ -43,19 +43,24 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
     # the masked scores multiplied by V from registers (scores_in_registers)
     (2, 1000, 4, 128, 128, True, 1, 2, True, True),
     (1, 4099, 8, 128, 128, False, 4, 2, True, True),
+    # the state update's K^T diag(kdec) from registers (update_in_registers), with r
+    (2, 1000, 4, 128, 128, True, 1, 2, True, True, True),
+    (1, 4099, 8, 128, 128, False, 4, 2, True, True, True),
+    (1, 777, 2, 64, 256, True, 2, 2, True, True, True),
 ]
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
-# the masked scores multiplied by V from registers (scores_in_registers; three warpgroups only)
+# the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
+# K^T diag(kdec) from registers (update_in_registers); three warpgroups only
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
-            "w2p1g1r", "w2p4g1r"]
+            "w2p1g1r", "w2p4g1r", "w2p1g1ru"]
 
 
 def check(case):
     batch, time, heads, dk, dv, with_s0, pieces, stages, ws, *flags = case
-    registers = bool(flags and flags[0])
+    registers, update = (bool(f) for f in (list(flags) + [False, False])[:2])
     rows_per_program = 3 if batch == 6 else 1
     keys = jax.random.split(jax.random.PRNGKey(time), 4)
     q, k = (jax.random.normal(key, (batch, time, heads, dk), jnp.bfloat16) for key in keys[:2])
@@ -63,7 +68,8 @@ def check(case):
     s0 = jax.random.normal(keys[3], (batch, heads, dk, dv), jnp.float32) if with_s0 else None
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
     o, final = jax.jit(lambda *a: forward(*a, pieces=pieces, stages=stages, rows_per_program=rows_per_program,
-                                          warp_specialized=ws, scores_in_registers=registers))(q, k, v, rates, s0)
+                                          warp_specialized=ws, scores_in_registers=registers,
+                                          update_in_registers=update))(q, k, v, rates, s0)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     zero = jnp.zeros((batch, heads, dk, dv), jnp.float32)
     want_o, want_final = jax.jit(chunked_reference)(*up, rates, zero if s0 is None else s0)
@@ -103,14 +109,15 @@ def time_shape(shape, variants):
     for name in variants:
         grads, kernel = name.startswith("b:"), name.removeprefix("b:")
         ws, stages = kernel[0] == "w", int(kernel[1])
-        registers = kernel.endswith("r")
-        pieces, rows = (int(x) for x in kernel[3:].rstrip("r").split("g"))
+        flags = kernel[3:].lstrip("0123456789g")
+        registers, update = "r" in flags, "u" in flags
+        pieces, rows = (int(x) for x in kernel[3:].rstrip("ru").split("g"))
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
         options = dict(pieces=pieces, stages=stages, rows_per_program=rows, warp_specialized=ws,
-                       scores_in_registers=registers)
+                       scores_in_registers=registers, update_in_registers=update)
         if grads:  # the Mosaic backward alone (three sweeps), v standing in for dO
             fn = jax.jit(lambda q, k, v, o=options: backward(q, k, v, rates, None, v, None, **o)[:3])
         else:

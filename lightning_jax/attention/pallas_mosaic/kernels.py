@@ -115,6 +115,11 @@ def _block_decays(kdec_s, sdec_s, g, real_blocks):
     return plgpu.load(kdec_s.at[kind], layout=layout), plgpu.load(sdec_s.at[kind], layout=layout)
 
 
+def _block_kdec_columns(kdec_s, g, real_blocks):
+    """The k decays [block] of global block g, laid out to scale the columns of a [dim_k, block] K^T."""
+    return plgpu.load(kdec_s.at[_block_kind(g, real_blocks)], layout=plgpu.Layout.WGMMA.reduce(0))
+
+
 def _block_qdec(qdec_s, g, real_blocks):
     """The q decays [block] of global block g (`_block_kind`)."""
     return plgpu.load(qdec_s.at[_block_kind(g, real_blocks)], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -274,7 +279,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
-               scores_in_registers=False):
+               scores_in_registers=False, update_in_registers=False):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -350,10 +355,15 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.barrier_arrive(ready.at[n % 2])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
                 plgpu.barrier_wait(full.at[3 * slot + 2])
-                v = plgpu.load(v_s.at[slot], layout=wgmma).astype(jnp.float32)
-                vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
-                plgpu.commit_smem()
-                s = s * _rows(sdec, s.shape) + _mm(k_s.at[slot].transpose((1, 0)), vs_s)
+                if update_in_registers:  # A = K^T diag(lambda^(m-1-a)) from registers: no staging
+                    kt = plgpu.load(k_s.at[slot].transpose((1, 0)), layout=wgmma).astype(jnp.float32)
+                    kdec_cols = lax.broadcast_in_dim(_block_kdec_columns(kdec_s, g, real_blocks), kt.shape, [1])
+                    s = s * _rows(sdec, s.shape) + _mm_registers((kt * kdec_cols).astype(dt), v_s.at[slot])
+                else:
+                    v = plgpu.load(v_s.at[slot], layout=wgmma).astype(jnp.float32)
+                    vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
+                    plgpu.commit_smem()
+                    s = s * _rows(sdec, s.shape) + _mm(k_s.at[slot].transpose((1, 0)), vs_s)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return s
 
@@ -484,7 +494,8 @@ def _interpret_params(interpret):
 
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
-           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False):
+           has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
+           update_in_registers=False):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -500,7 +511,8 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         common["reverse"] = True
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
-        kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers, **common)
+        kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
+                                   update_in_registers=update_in_registers, **common)
     else:
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
@@ -521,10 +533,12 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
-                                             "interpret", "chunk", "reverse", "scores_in_registers"))
+                                             "interpret", "chunk", "reverse", "scores_in_registers",
+                                             "update_in_registers"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-            chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None):
+            chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None,
+            update_in_registers: bool = False):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -562,6 +576,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         wherever it can run (warp_specialized and interpret=False); on an H200 it took the forward
         from 0.388 to 0.367-0.370 ms at 4 x 16,384 x 16 x 128 and the backward's three sweeps from
         1.093 to 1.057 ms (docs/kernels.md).
+      update_in_registers: the three-warpgroup kernel's state update S += (K^T diag(kdec)) V reads
+        K^T diag(kdec) from registers (a transposed load of k) instead of staging diag(kdec) V in
+        shared memory. GPU only, needs warp_specialized; opt-in until measured.
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -594,6 +611,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     if scores_in_registers and (not warp_specialized or interpret is not False):
         raise ValueError("scores_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
                          "has no rule for wgmma with A in registers)")
+    if update_in_registers and (not warp_specialized or interpret is not False):
+        raise ValueError("update_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
+                         "has no rule for wgmma with A in registers)")
 
     real_blocks = pl.cdiv(time, block)
     blocks_per_piece = pl.cdiv(real_blocks, pieces)
@@ -620,7 +640,7 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
         has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
-        scores_in_registers=scores_in_registers, **common,
+        scores_in_registers=scores_in_registers, update_in_registers=update_in_registers, **common,
     )
     # The state after the sweep: the last piece's, or in reverse the first piece's.
     o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
@@ -679,7 +699,7 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
 
 def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-             scores_in_registers: bool | None = None):
+             scores_in_registers: bool | None = None, update_in_registers: bool = False):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -695,7 +715,8 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
-                  warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers)
+                  warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
+                  update_in_registers=update_in_registers)
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
