@@ -8,8 +8,8 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
 
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
 the rows per program, then r for the masked scores multiplied by V from registers (the kernels'
-default on the GPU, so a name without r times the staged form) and u for the state update's
-K^T diag(kdec) from registers (three warpgroups only): w2p4g1, w2p1g1r, w2p1g1ru; prefixed with b: (b:w2p1g1r) the variant times the Mosaic backward (`kernels.backward`,
+default on the GPU) and u for the state update's K^T diag(kdec) from registers (also the
+default; a name without the letter times the staged form; three warpgroups only): w2p4g1, w2p1g1r, w2p1g1ru; prefixed with b: (b:w2p1g1r) the variant times the Mosaic backward (`kernels.backward`,
 its three sweeps) instead of the forward. Timing as in attention.py: back-to-back calls with one
 sync per batch of calls, medians of 9. The other rows are the forward alone (o; the final state is
 computed but not returned); the op's forward + backward is attention.py's.

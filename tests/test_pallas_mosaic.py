@@ -349,7 +349,7 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
      (1000, 64, 64, False, dict(chunk=256)),
      (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=True)),
      (4096, 128, 128, False, dict(warp_specialized=True, scores_in_registers=True, pieces=4, chunk=1024)),
-     (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=False)),  # the staged form
+     (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=False, update_in_registers=False)),
      (4096, 128, 128, True, dict(warp_specialized=True, update_in_registers=True, chunk=1024)),
      (500, 192, 64, True, dict(warp_specialized=True, stages=1, update_in_registers=True, reverse=True))],
 )
