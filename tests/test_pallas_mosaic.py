@@ -388,6 +388,28 @@ def test_op_chooses_the_backward():
     assert "triton" in _gradient_text(MosaicConfig(gradients=TritonConfig()))
 
 
+def test_pallas_takes_the_mosaic_backward_unless_given_a_triton_config(monkeypatch):
+    """Where "pallas" picks the Mosaic kernels, its gradients are the Mosaic backward's; a
+    TritonConfig (which tunes the Triton kernels) pins the Triton backward. choose_backend is
+    forced to "mosaic": without a GPU it always answers "triton"."""
+    from lightning_jax.attention import pallas
+
+    monkeypatch.setattr(pallas, "choose_backend", lambda *a, **k: "mosaic")
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    rates = jnp.array([0.1, 0.2])
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+    def gradient_text(config):
+        op = lambda q, k, v: pallas.lightning_attention_pallas(q, k, v, rates, None, config=config, interpret=False)
+        loss = lambda q, k, v: op(q, k, v)[0].astype(jnp.float32).sum()  # (o, final state)
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+            return jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+
+    default = gradient_text(None)
+    assert "mosaic_gpu" in default and "triton" not in default
+    assert "triton" in gradient_text(TritonConfig())
+
+
 def test_op_cross_lowers_with_triton_gradients():
     """The op's primal lowers to the Mosaic kernel; its gradient to the Mosaic forward (with chunk
     states) and the Triton backward kernels."""

@@ -77,7 +77,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "lightning_jax.attention.xla", "lightning_attention_xla", "XlaConfig",
         ),
         Implementation(
-            "pallas", "Pallas GPU kernels, the best backend per call (Mosaic GPU forward on Hopper, else Triton)",
+            "pallas", "Pallas GPU kernels, the best backend per call (Mosaic GPU on Hopper, else Triton)",
             "lightning_jax.attention.pallas", "lightning_attention_pallas", "TritonConfig",
         ),
         Implementation(
@@ -85,7 +85,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             "lightning_jax.attention.pallas_triton", "lightning_attention_triton", "TritonConfig",
         ),
         Implementation(
-            "pallas_mosaic", "Pallas Mosaic GPU forward (Hopper), gradients by the Triton backward kernels",
+            "pallas_mosaic", "Pallas Mosaic GPU forward (Hopper), gradients by the Mosaic or the Triton backward",
             "lightning_jax.attention.pallas_mosaic", "lightning_attention_mosaic", "MosaicConfig",
         ),
     )
