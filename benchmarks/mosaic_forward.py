@@ -7,18 +7,22 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
         [--out F.json]
 
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
-the rows per program, then r for the masked scores multiplied by V from registers (the kernels'
-default on the GPU) and u for the state update's K^T diag(kdec) from registers (also the
-default; a name without the letter times the staged form; three warpgroups only): w2p4g1, w2p1g1r, w2p1g1ru; prefixed with b: (b:w2p1g1r) the variant times the Mosaic backward (`kernels.backward`,
-its three sweeps) instead of the forward. Timing as in attention.py: back-to-back calls with one
-sync per batch of calls, medians of 9. The other rows are the forward alone (o; the final state is
-computed but not returned); the op's forward + backward is attention.py's.
+the rows per program; then optionally x and a count (cut each piece into that many sub-pieces in
+the first kernel, `state_split`), r (the masked scores multiplied by V from registers) and u (the
+state update's K^T diag(kdec) from registers). r and u are the kernels' defaults on the GPU, so a
+name without the letter times the staged form; both need three warpgroups. Examples: w2p4g1,
+w2p1g1ru, w2p4g1x2ru; prefixed with b: (b:w2p1g1ru) the variant times the Mosaic backward
+(`kernels.backward`, its three sweeps) instead of the forward. Timing as in attention.py:
+back-to-back calls with one sync per batch of calls, medians of 9. The other rows are the forward
+alone (o; the final state is computed but not returned); the op's forward + backward is
+attention.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import jax
@@ -54,6 +58,7 @@ OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
 # the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
 # K^T diag(kdec) from registers (update_in_registers); three warpgroups only
+VARIANT_NAME = re.compile(r"(b:)?([sw])([12])p(\d+)g(\d+)(?:x(\d+))?([ru]*)")
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
             "w2p1g1r", "w2p4g1r", "w2p1g1ru"]
 
@@ -107,17 +112,18 @@ def time_shape(shape, variants):
     blocks = -(-time // 64)
     programs = batch * heads * (dim // 64)
     for name in variants:
-        grads, kernel = name.startswith("b:"), name.removeprefix("b:")
-        ws, stages = kernel[0] == "w", int(kernel[1])
-        flags = kernel[3:].lstrip("0123456789g")
-        registers, update = "r" in flags, "u" in flags
-        pieces, rows = (int(x) for x in kernel[3:].rstrip("ru").split("g"))
+        parsed = VARIANT_NAME.fullmatch(name)
+        if parsed is None:
+            raise SystemExit(f"--variants: got {name!r}, expected a name such as w2p4g1, w2p4g1x2ru or b:w2p1g1r")
+        grads, kind, stages, pieces, rows, split, flags = parsed.groups()
+        grads, ws, stages, pieces, rows = bool(grads), kind == "w", int(stages), int(pieces), int(rows)
+        split, registers, update = int(split or 1), "r" in flags, "u" in flags
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
         options = dict(pieces=pieces, stages=stages, rows_per_program=rows, warp_specialized=ws,
-                       scores_in_registers=registers, update_in_registers=update)
+                       scores_in_registers=registers, update_in_registers=update, state_split=split)
         if grads:  # the Mosaic backward alone (three sweeps), v standing in for dO
             fn = jax.jit(lambda q, k, v, o=options: backward(q, k, v, rates, None, v, None, **o)[:3])
         else:

@@ -236,6 +236,23 @@ def test_reverse_sweep_in_pieces_matches_one_piece(time, pieces, initial_state, 
     assert _rel_per_head(gp, g1, 1) < 1e-4  # fp32 sums in another order
 
 
+@pytest.mark.parametrize("time,reverse,kw", [
+    (1000, False, {}),  # 16 blocks, the last ragged: 2 pieces of 8, the first summed as 2 sub-pieces of 4
+    (900, True, {}),  # 15 real blocks and one of padding: the reverse first kernel sums the last piece in 2
+    (2048, False, dict(warp_specialized=True, rows_per_program=2)),  # 4 pieces of 8 blocks, split 2
+])
+def test_state_split_matches_no_split(time, reverse, kw):
+    """With pieces, the first kernel's sums in sub-pieces (state_split) give the same outputs and
+    state as whole pieces (slow decays: every sub-piece's weight matters)."""
+    q, k, v, s_in = _inputs(1, time, 2, 64, 64, seed=time)
+    rates = jnp.array([0.002, 0.02])
+    pieces = 4 if time == 2048 else 2
+    o1, s1 = _run(q, k, v, rates, s_in, reverse=reverse, pieces=pieces, **kw)
+    o2, s2 = _run(q, k, v, rates, s_in, reverse=reverse, pieces=pieces, state_split=2, **kw)
+    assert _rel_per_head(o2, o1, 2) < 1e-2
+    assert _rel_per_head(s2, s1, 1) < 1e-4
+
+
 def test_launch_plan():
     """About one program per SM: pieces when programs are few, rows per program when many; always
     a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x pieces."""
@@ -252,6 +269,16 @@ def test_launch_plan():
 def _op(q, k, v, rates, s_in, **kw):
     return lightning_attention(q, k, v, rates, initial_state=s_in, return_final_state=True,
                                implementation="pallas_mosaic", interpret=True, **kw)
+
+
+def test_op_with_pieces_and_state_split():
+    """MosaicConfig(pieces=, state_split=) reaches the kernels: the op's output and final state
+    match the oracle."""
+    q, k, v, s_in = _inputs(1, 1000, 2, 64, 64, seed=11)
+    rates = jnp.array([0.002, 0.05])
+    o, final = jax.block_until_ready(_op(q, k, v, rates, s_in, config=MosaicConfig(pieces=2, state_split=2)))
+    want_o, want_final = reference.quadratic(*(x.astype(jnp.float32) for x in (q, k, v)), rates, s_in)
+    assert _rel_per_head(o, want_o, 2) < 1e-2 and _rel_per_head(final, want_final, 1) < 1e-2
 
 
 # (time, initial state, the Triton plan's chunk): two chunks and an initial state; three chunks from
@@ -307,7 +334,8 @@ def test_op_refuses_what_it_does_not_cover():
     "field,value,match",
     [("stages", 3, "MosaicConfig.stages"), ("pieces", 0, "MosaicConfig.pieces: got 0"),
      ("rows_per_program", 1.5, "MosaicConfig.rows_per_program"), ("warp_specialized", 1, "warp_specialized"),
-     ("gradients", {}, "MosaicConfig.gradients: got dict"), ("backward", "xla", "MosaicConfig.backward")],
+     ("gradients", {}, "MosaicConfig.gradients: got dict"), ("backward", "xla", "MosaicConfig.backward"),
+     ("state_split", 0, "MosaicConfig.state_split: got 0")],
 )
 def test_config_checks(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -351,7 +379,8 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
      (4096, 128, 128, False, dict(warp_specialized=True, scores_in_registers=True, pieces=4, chunk=1024)),
      (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=False, update_in_registers=False)),
      (4096, 128, 128, True, dict(warp_specialized=True, update_in_registers=True, chunk=1024)),
-     (500, 192, 64, True, dict(warp_specialized=True, stages=1, update_in_registers=True, reverse=True))],
+     (500, 192, 64, True, dict(warp_specialized=True, stages=1, update_in_registers=True, reverse=True)),
+     (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, state_split=4, reverse=True))],
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU

@@ -26,6 +26,9 @@ class MosaicConfig:
       and a scan provide), for grids that do not fill the GPU.
     rows_per_program: rows (pieces of sequences) one program sweeps in turn, for grids of many
       short programs.
+    state_split: with pieces, the first kernel (which reads k and v only) cuts each piece into up
+      to this many sub-pieces, so it runs more programs than the output pass. 1 (off) until it is
+      measured on a GPU: `benchmarks/mosaic_forward.py --variants w2p4g1ru,w2p4g1x2ru`.
     gradients: the `TritonConfig` of the Triton backward (None: its defaults); setting it with
       `backward=None` runs the Triton backward.
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes),
@@ -37,6 +40,7 @@ class MosaicConfig:
     warp_specialized: bool = True
     pieces: int | None = None
     rows_per_program: int | None = None
+    state_split: int = 1
     gradients: TritonConfig | None = None
     backward: str | None = None
 
@@ -47,6 +51,7 @@ class MosaicConfig:
         for name in ("pieces", "rows_per_program"):
             if getattr(self, name) is not None:
                 checks.check_int(f"MosaicConfig.{name}", getattr(self, name), minimum=1)
+        checks.check_int("MosaicConfig.state_split", self.state_split, minimum=1)
         if self.gradients is not None and not isinstance(self.gradients, TritonConfig):
             raise checks.ArgumentTypeError(
                 "MosaicConfig.gradients", f"got {type(self.gradients).__name__}, expected None or a TritonConfig"

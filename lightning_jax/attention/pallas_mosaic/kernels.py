@@ -534,11 +534,11 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
                                              "interpret", "chunk", "reverse", "scores_in_registers",
-                                             "update_in_registers"))
+                                             "update_in_registers", "state_split"))
 def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
             chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None,
-            update_in_registers: bool | None = None):
+            update_in_registers: bool | None = None, state_split: int = 1):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -552,6 +552,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         computes the state each piece adds (reading k and v of all but the last piece), a scan over
         pieces gives each piece its starting state, then the forward runs on every piece at once.
         Capped at the number of blocks.
+      state_split: with pieces, the first kernel cuts each piece into up to this many sub-pieces
+        (a divisor of the piece's blocks, at least 4 blocks each) and sums them after, so the pass
+        that only reads k and v runs more programs than the output pass.
       stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing.
       rows_per_program: each program sweeps this many rows (pieces of sequences) one after the
         other, the loads running ahead across rows: fewer, longer programs for short sequences.
@@ -604,6 +607,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"reverse takes no chunk states, got chunk={chunk}")
     if chunk is not None and (chunk <= 0 or chunk % block):
         raise ValueError(f"chunk must be None or a positive multiple of block ({block}), got {chunk}")
+    if state_split < 1:
+        raise ValueError(f"state_split must be >= 1, got {state_split}")
     if pieces < 1 or stages not in (1, 2):
         raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
     if time == 0:
@@ -635,7 +640,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
 
     if pieces > 1:
         starts = _reverse_starts if reverse else _forward_starts
-        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
+        split = max(d for d in range(1, state_split + 1)
+                    if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
+        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece, split=split,
                     shape=(batch, time, heads, dk, dv), **common)
     elif s0 is not None:
         s0 = s0[:, None]
@@ -653,17 +660,34 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     return o, finals, out[2][..., :dim_k, :dim_v]
 
 
-def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, shape, **common):
+def _split_sums(adds, rates, *, pieces, split, sub_span, reverse):
+    """Sub-piece sums [batch, pieces * split, heads, dk, dv] -> piece sums [batch, pieces, ...].
+
+    Forward sums are aged to their last token, so sub-piece j of `split` counts lambda^((split-1-j)
+    sub_span) towards its piece's; reverse sums are aged to their first token: lambda^(j sub_span)."""
+    if split == 1:
+        return adds
+    batch, _, heads, dk, dv = adds.shape
+    j = jnp.arange(split, dtype=jnp.float32)
+    lags = j if reverse else split - 1 - j
+    weights = jnp.exp(-rates.astype(jnp.float32)[None, :] * (lags[:, None] * sub_span))  # [split, heads]
+    adds = adds.reshape(batch, pieces, split, heads, dk, dv)
+    return jnp.einsum("bpjhkv,jh->bphkv", adds, weights, precision=lax.Precision.HIGHEST)
+
+
+def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, **common):
     """The forward's start state of each piece, fp32 [batch, pieces, heads, dk, dv]: a first kernel
-    sums each piece but the last from zero (U_p, aged to the piece's last token), then a scan from
-    the first piece gives piece p + 1 its start lambda^(span) R_p + U_p, from R_0 = S_in. Every
-    piece but the last is whole, so each ages the state by lambda^(span)."""
+    sums each piece but the last from zero (U_p, aged to the piece's last token; in `split`
+    sub-pieces, `_split_sums`), then a scan from the first piece gives piece p + 1 its start
+    lambda^(span) R_p + U_p, from R_0 = S_in. Every piece but the last is whole, so each ages the
+    state by lambda^(span)."""
     del time  # the reverse sweep's signature: the forward's pieces do not need the length
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     head = pieces - 1
-    adds = _sweep([k[:, : head * span], v[:, : head * span], kdec, sdec], outputs=False, shape=shape, pieces=head,
-                  blocks_per_piece=blocks_per_piece, has_s0=False, **common)
+    adds = _sweep([k[:, : head * span], v[:, : head * span], kdec, sdec], outputs=False, shape=shape,
+                  pieces=head * split, blocks_per_piece=blocks_per_piece // split, has_s0=False, **common)
+    adds = _split_sums(adds, rates, pieces=head, split=split, sub_span=span // split, reverse=False)
     age = jnp.exp(-rates.astype(jnp.float32) * span)[:, None, None]
     start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
 
@@ -675,21 +699,24 @@ def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     return jnp.concatenate([jnp.moveaxis(starts, 0, 1), last_start[:, None]], axis=1)
 
 
-def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, shape, real_blocks, **common):
+def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, real_blocks,
+                    **common):
     """The reverse sweep's start state of each piece, fp32 [batch, pieces, heads, dk, dv].
 
     Piece p starts from G_(p+1): the later tokens' terms aged to piece p + 1's first token. The last
     piece starts from S_in (it enters at the last token, inside the sweep). A first kernel sums
     each piece but the first from zero, A_p = sum over its tokens s of scale lambda^(s - first)
     k_s^T v_s (the reverse tables); then G_(P-1) = lambda^(n - 1 - first_(P-1)) S_in + A_(P-1)
-    and G_p = lambda^(span) G_(p+1) + A_p for the whole pieces before it."""
+    and G_p = lambda^(span) G_(p+1) + A_p for the whole pieces before it. With `split` the first
+    kernel sums sub-pieces (`_split_sums`)."""
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     adds = _sweep(  # pieces 1 .. P-1: the block kinds count from the cut (real_blocks less one piece)
-        [k[:, span:], v[:, span:], kdec, sdec], outputs=False, shape=shape, pieces=pieces - 1,
-        blocks_per_piece=blocks_per_piece, real_blocks=real_blocks - blocks_per_piece, has_s0=False, reverse=True,
-        **common,
+        [k[:, span:], v[:, span:], kdec, sdec], outputs=False, shape=shape, pieces=(pieces - 1) * split,
+        blocks_per_piece=blocks_per_piece // split, real_blocks=real_blocks - blocks_per_piece, has_s0=False,
+        reverse=True, **common,
     )
+    adds = _split_sums(adds, rates, pieces=pieces - 1, split=split, sub_span=span // split, reverse=True)
     rates = rates.astype(jnp.float32)[:, None, None]
     last = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
     after_last = jnp.exp(-rates * (time - 1 - (pieces - 1) * span)) * last + adds[:, -1]
@@ -703,7 +730,8 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
 
 def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
-             scores_in_registers: bool | None = None, update_in_registers: bool | None = None):
+             scores_in_registers: bool | None = None, update_in_registers: bool | None = None,
+             state_split: int = 1):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -720,7 +748,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
-                  update_in_registers=update_in_registers)
+                  update_in_registers=update_in_registers, state_split=state_split)
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)

@@ -118,6 +118,7 @@ def lightning_attention_mosaic(
         ("warp_specialized", config.warp_specialized),
         ("pieces", pieces),
         ("rows_per_program", config.rows_per_program or rows),
+        ("state_split", config.state_split),
         ("interpret", interpret),
     )
     plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
