@@ -166,19 +166,20 @@ class TNLBlock(nnx.Module):
     def _norm(self, x):
         return layers.srms_norm(x, self.config.norm_eps).astype(x.dtype)
 
-    def _fused_decode(self, batch: int) -> bool | None:
-        """None: decode with XLA; else decode with tnl_decode's kernels, interpreted if True."""
+    def _decode_path(self, batch: int) -> str:
+        """How a decoding step runs: "xla", "kernels" (tnl_decode's, compiled) or "interpreted"
+        (tnl_decode's in Pallas interpret mode)."""
         choice = self.config.decode_implementation
         on_gpu = not tnl_decode.interpreted()
         if choice == "xla" or (choice is None and not on_gpu):
-            return None
+            return "xla"
         reason = tnl_decode.covers(self, batch)
         if reason is None:
-            return not on_gpu
+            return "kernels" if on_gpu else "interpreted"
         if choice == "pallas":
             raise ValueError(f"decode_implementation: got 'pallas', but the fused decoding kernels cannot run "
                              f"this step: {reason}")
-        return None
+        return "xla"
 
     def __call__(self, x, rates, positions, pad_mask=None, *, initial_state=None, return_state=False,
                  time: str | None = "time", segment_ids=None):
@@ -191,9 +192,9 @@ class TNLBlock(nnx.Module):
     def decode(self, x, rates, positions, state):
         """One token: x [batch, 1, D] -> (x, the new state); positions [batch, 1]; state fp32
         [batch, heads, dim_k, head_dim]. Five fused kernels or XLA (`config.decode_implementation`)."""
-        interpret = self._fused_decode(x.shape[0])
-        if interpret is not None:
-            return tnl_decode.block_decode(self, x, rates, positions, state, interpret=interpret)
+        path = self._decode_path(x.shape[0])
+        if path != "xla":
+            return tnl_decode.block_decode(self, x, rates, positions, state, interpret=path == "interpreted")
         h, state = self.mixer.decode(self._norm(x), rates, positions, state)
         x = x + h.astype(x.dtype)
         return x + self.glu(self._norm(x)).astype(x.dtype), state
