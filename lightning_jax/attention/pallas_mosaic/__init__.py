@@ -26,4 +26,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MosaicConfig", "backward", "choose_backward", "decay_tables", "forward", "launch_plan", "lightning_attention_mosaic"]
+__all__ = ["MosaicConfig", "backward", "choose_backward", "decay_tables", "forward", "launch_plan",
+           "lightning_attention_mosaic"]

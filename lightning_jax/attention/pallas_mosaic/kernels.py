@@ -642,8 +642,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         starts = _reverse_starts if reverse else _forward_starts
         split = max(d for d in range(1, state_split + 1)
                     if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
-        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece, split=split,
-                    shape=(batch, time, heads, dk, dv), **common)
+        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
+                    split=split, shape=(batch, time, heads, dk, dv), **common)
     elif s0 is not None:
         s0 = s0[:, None]
 

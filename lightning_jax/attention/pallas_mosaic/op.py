@@ -75,9 +75,10 @@ def lightning_attention_mosaic(
     segment_ids=None,
 ):
     """Pallas Mosaic GPU forward (Hopper, sm_90), gradients by the Mosaic backward or the
-    Pallas-Triton one (`MosaicConfig.backward`; None chooses, `config.choose_backward`). Shapes as in `lightning_jax.attention.registry`;
-    q, k, v bfloat16 or float16, dim_k <= 128 with two stages (<= 192 with `MosaicConfig(stages=1)`),
-    any dim_v (the Mosaic backward: dim_v within the same limit), any length. No segment ids yet.
+    Pallas-Triton one (`MosaicConfig.backward`; None chooses, `config.choose_backward`). Shapes as
+    in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two
+    stages (<= 192 with `MosaicConfig(stages=1)`), any dim_v (the Mosaic backward: dim_v within the
+    same limit), any length. No segment ids yet.
 
     `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
     interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
@@ -110,7 +111,8 @@ def lightning_attention_mosaic(
     pieces = config.pieces or pieces
     backward_kind = config.backward
     if backward_kind is None:  # a TritonConfig for the gradients asks for the Triton backward
-        backward_kind = "triton" if config.gradients is not None else choose_backward(pieces, v.shape[-1], config.stages)
+        backward_kind = ("triton" if config.gradients is not None
+                         else choose_backward(pieces, v.shape[-1], config.stages))
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
