@@ -75,7 +75,7 @@ print("jax", jax.__version__, "on", jax.default_backend(), "| default implementa
 #
 # `"reference"` is the masked quadratic form in fp32, `"recurrent"` the token recurrence (a second
 # oracle), `"xla"` the block algorithm in plain JAX, and `"pallas"` the GPU kernels (on a Hopper GPU
-# the Mosaic GPU forward where it is faster, else the Triton kernels, which `"pallas_triton"` pins);
+# the Mosaic GPU kernels where they are faster, else the Triton kernels, which `"pallas_triton"` pins);
 # on a CPU the Triton kernels run in Pallas interpret mode (slow, but the same code path).
 # `"pallas_mosaic"` takes 16-bit inputs only, so it sits out this fp32 comparison. The sequence length is
 # deliberately not a multiple of the block, and the heads span rates from 0 (no decay) to 8.
