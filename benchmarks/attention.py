@@ -404,7 +404,7 @@ def time_shape(shape, bandwidth, peers: bool):
     return dict(shape=list(shape), floor_fwd_s=floor_fwd, floor_fb_s=floor_fb, impls=rows)
 
 
-def time_segments(shape, documents: int):
+def time_segments(shape, documents: int, implementation: str = "pallas"):
     """Our op at `shape` with `documents` equal documents per row (segment_ids) and without: medians
     of forward and forward+backward, and their ratios (with / without)."""
     batch, time_, heads, dim = shape
@@ -414,14 +414,14 @@ def time_segments(shape, documents: int):
     ids = jnp.broadcast_to(jnp.arange(time_, dtype=jnp.int32) * documents // time_, (batch, time_))
 
     def op(q, k, v, seg):
-        return lightning_attention(q, k, v, rates, segment_ids=seg, implementation="pallas")
+        return lightning_attention(q, k, v, rates, segment_ids=seg, implementation=implementation)
 
     def fb_fn(q, k, v, do, seg):
         o, vjp = jax.vjp(lambda q, k, v: op(q, k, v, seg), q, k, v)
         return o, vjp(do)
 
     fwd, fb = jax.jit(lambda q, k, v, do, seg: op(q, k, v, seg)), jax.jit(fb_fn)
-    entry = dict(shape=list(shape), documents=documents)
+    entry = dict(shape=list(shape), documents=documents, implementation=implementation)
     for name, seg in (("none", None), ("segments", ids)):
         sets = [(*a, seg) for a in arg_sets]  # the ids are an argument: traced, as in training
         entry[name] = row = {}
@@ -438,10 +438,10 @@ def time_segments(shape, documents: int):
     return entry
 
 
-def section_segments(results, shapes, documents):
+def section_segments(results, shapes, documents, implementation="pallas"):
     out = results["segments"] = []
     for shape in shapes:
-        out.append(time_segments(shape, documents))
+        out.append(time_segments(shape, documents, implementation))
         SAVE()
 
 
@@ -534,6 +534,9 @@ def main():
                              "family_b; family_a's for segments)")
     parser.add_argument("--segments", type=int, default=4,
                         help="segments section: equal documents per row (default 4)")
+    parser.add_argument("--segments-implementation", default="pallas",
+                        help="segments section: the implementation timed (default pallas; pallas_mosaic for the "
+                             "Mosaic kernels with documents)")
     args = parser.parse_args()
     family_b = FAMILY_B
     if args.segments < 1:
@@ -577,7 +580,7 @@ def main():
             section_family(results, "family_b", family_b, bw, not args.no_peers)
             save()
     if "segments" in sections:
-        section_segments(results, family_b if args.shapes else FAMILY_A, args.segments)
+        section_segments(results, family_b if args.shapes else FAMILY_A, args.segments, args.segments_implementation)
         save()
     if "check" in sections:
         section_check(results, args.check_set, args.check_start, shard)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 sys.path.insert(0, "benchmarks")
 from attention import FAMILY_A, chunked_reference, copy_bandwidth, jax_variants, log, rel_err, time_jax  # noqa: E402
 
-from lightning_jax.attention import lightning_attention  # noqa: E402
+from lightning_jax.attention import lightning_attention, reference  # noqa: E402
 from lightning_jax.attention.pallas import choose_backend  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import backward, forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
@@ -55,6 +55,8 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
+# packed documents through "pallas_mosaic", forward and gradients: (batch, time, heads, dim, document starts)
+SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2048, 2049))]
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
 # the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
 # K^T diag(kdec) from registers (update_in_registers); three warpgroups only
@@ -93,6 +95,32 @@ def check_op(shape):
     o, final = jax.jit(op)(q, k, v, rates, s0)
     want_o, want_final = jax.jit(chunked_reference)(*(x.astype(jnp.float32) for x in (q, k, v)), rates, s0)
     return rel_err(o, want_o), rel_err(final, want_final)
+
+
+def check_segments(case):
+    """pallas_mosaic with segment ids (the Mosaic forward and backward) against the fp32 quadratic
+    form with the same documents: o, final state and the four gradients; the worst relative error."""
+    batch, time, heads, dim, cuts = case
+    keys = jax.random.split(jax.random.PRNGKey(time), 6)
+    q, k, v, d_o = (jax.random.normal(key, (batch, time, heads, dim), jnp.bfloat16) for key in keys[:4])
+    s0, d_final = (jax.random.normal(key, (batch, heads, dim, dim), jnp.float32) for key in keys[4:])
+    seg = jnp.zeros((batch, time), jnp.int32)
+    for c in cuts:
+        seg = seg.at[:, c:].add(1)
+    rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
+
+    def grads(fn, *args):
+        (o, final), vjp = jax.vjp(fn, *args)
+        return (o, final, *vjp((d_o.astype(o.dtype), d_final)))
+
+    ours = jax.jit(lambda q, k, v, s: grads(lambda q, k, v, s: lightning_attention(
+        q, k, v, rates, initial_state=s, return_final_state=True, segment_ids=seg, implementation="pallas_mosaic"),
+        q, k, v, s))(q, k, v, s0)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.jit(lambda q, k, v, s: grads(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, segment_ids=seg),
+                                            q, k, v, s))(*up, s0)
+    names = ("o", "final_state", "dq", "dk", "dv", "d_initial_state")
+    return {name: rel_err(a, b) for name, a, b in zip(names, ours, want)}
 
 
 def time_shape(shape, variants):
@@ -157,6 +185,14 @@ def main():
     for shape in [] if args.skip_check else OP_CHECKS:  # the op as users call it
         err_o, err_s = check_op(shape)
         results["checks"].append(dict(op_shape=list(shape), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
+        log("check", results["checks"][-1])
+    for case in [] if args.skip_check else SEGMENT_CHECKS:  # packed documents
+        try:
+            errs = check_segments(case)
+            results["checks"].append(dict(segments=list(case[:4]), starts=list(case[4]), **errs,
+                                          ok=max(errs.values()) < 1e-2))
+        except Exception as e:  # noqa: BLE001
+            results["checks"].append(dict(segments=list(case[:4]), error=repr(e)[:500]))
         log("check", results["checks"][-1])
     results["bandwidth"] = copy_bandwidth()
     for shape in shapes:

@@ -151,6 +151,11 @@ def test_warp_specialized_no_races():
     o, final, states = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, rows_per_program=2, warp_specialized=True,
                             chunk=64, interpret=params)  # chunk states share the state's fp32 buffer
     assert not gpu_callbacks.get_races().races_found
+    seg = _segments(2, 200, [[70], [5, 130]], seed=0)  # the segment tables' slots too
+    o_seg, _ = _run(q, k, v, jnp.array([0.0, 1.0]), s_in, seg, rows_per_program=2, warp_specialized=True,
+                    interpret=params)
+    assert not gpu_callbacks.get_races().races_found
+    assert np.isfinite(np.asarray(o_seg, np.float32)).all()
     assert np.isfinite(np.asarray(states)).all()
     assert np.isfinite(np.asarray(o, np.float32)).all() and np.isfinite(np.asarray(final)).all()
 
@@ -253,6 +258,74 @@ def test_state_split_matches_no_split(time, reverse, kw):
     assert _rel_per_head(s2, s1, 1) < 1e-4
 
 
+def _segments(batch, time, cuts, seed):
+    """segment_ids [batch, time]: row r starts documents at the positions in cuts[r] (arbitrary
+    non-decreasing ids: the kernels renumber them)."""
+    ids = np.zeros((batch, time), np.int32)
+    for r, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            ids[r, c:] += 3 + seed  # gaps in the numbering on purpose
+    return jnp.asarray(ids)
+
+
+# Documents starting inside a block, exactly at a block's first token, in the last ragged block,
+# at the second token; one document per row; several rows per program.
+@pytest.mark.parametrize("batch,time,cuts,kw", [
+    (1, 200, [[30, 64, 190]], {}),
+    (2, 130, [[1, 100], []], dict(rows_per_program=2)),
+    (1, 64, [[63]], dict(stages=1)),
+])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_segments_match_the_oracle(batch, time, cuts, kw, initial_state):
+    """Packed documents: outputs and final state as reference.quadratic(segment_ids=) defines them."""
+    q, k, v, s_in = _inputs(batch, time, 2, 64, 64, seed=time)
+    s_in = s_in if initial_state else None
+    seg = _segments(batch, time, cuts, seed=1)
+    rates = jnp.array([0.01, 0.3])
+    o, final = _run(q, k, v, rates, s_in, seg, warp_specialized=True, **kw)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want_o, want_final = reference.quadratic(*up, rates, s_in, segment_ids=seg)
+    assert _rel_per_head(o, want_o, 2) < 1e-2
+    assert _rel_per_head(final, want_final, 1) < 1e-2
+
+
+@pytest.mark.parametrize("time,cuts,initial_state,d_final", [
+    (200, [[30, 64, 190]], True, True),  # the last document starts in the last, ragged block
+    (130, [[64]], False, True),
+    (150, [[1, 149]], True, False),
+])
+def test_segments_backward_matches_the_oracle_gradients(time, cuts, initial_state, d_final):
+    from lightning_jax.attention.pallas_mosaic import backward
+
+    keys = jax.random.split(jax.random.PRNGKey(time + 1), 6)
+    q, k, v, d_o = (jax.random.normal(key, (1, time, 2, 64)).astype(jnp.bfloat16) for key in keys[:4])
+    s_in = jax.random.normal(keys[4], (1, 2, 64, 64)) if initial_state else None
+    d_f = jax.random.normal(keys[5], (1, 2, 64, 64)) if d_final else None
+    seg = _segments(1, time, cuts, seed=0)
+    rates = jnp.array([0.0, 0.3])
+    jax.block_until_ready((q, k, v, d_o, s_in, d_f, seg))
+    got = backward(q, k, v, rates, s_in, d_o, d_f, seg, scale=0.5, warp_specialized=True, interpret=INTERPRET)
+    got = jax.block_until_ready(got)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, final), vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=0.5, segment_ids=seg),
+                              *up, s_in)
+    want = vjp((d_o.astype(jnp.float32), jnp.zeros_like(final) if d_f is None else d_f))
+    for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
+
+
+def test_segments_refuse_pieces_and_chunk_states():
+    q, k, v, _ = _inputs(1, 512, 1, 64, 64)
+    seg = jnp.zeros((1, 512), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids need warp_specialized=True, one piece"):
+        forward(q, k, v, jnp.zeros((1,)), None, seg, pieces=2, warp_specialized=True, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="segment_ids: expected shape"):
+        forward(q, k, v, jnp.zeros((1,)), None, seg[:, :10], warp_specialized=True, interpret=INTERPRET)
+
+
 def test_launch_plan():
     """About one program per SM: pieces when programs are few, rows per program when many; always
     a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x pieces."""
@@ -317,8 +390,16 @@ def test_op_forward_and_gradients(time, initial_state, chunk):
 def test_op_refuses_what_it_does_not_cover():
     q, k, v, s_in = _inputs(1, 8, 1, 64, 64)
     rates = jnp.zeros((1,))
-    with pytest.raises(ValueError, match="segment_ids: .*'pallas'"):
-        _op(q, k, v, rates, None, segment_ids=jnp.zeros((1, 8), jnp.int32))
+    seg = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids: got segment ids with interpret mode"):
+        _op(q, k, v, rates, None, segment_ids=seg)  # _op interprets
+    compiled = dict(implementation="pallas_mosaic", interpret=False, segment_ids=seg)
+    for config in (MosaicConfig(pieces=2), MosaicConfig(backward="triton"), MosaicConfig(gradients=TritonConfig())):
+        with pytest.raises(ValueError, match="segment_ids: got segment ids with MosaicConfig"):
+            lightning_attention(q, k, v, rates, config=config, **compiled)
+    wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="v: got dim_v 256 with segment ids"):
+        lightning_attention(q, k, wide, rates, **compiled)
     with pytest.raises(ValueError, match="block_size: got 128"):
         _op(q, k, v, rates, None, block_size=128)
     with pytest.raises(ValueError, match="q: got dtype float32"):
@@ -437,6 +518,19 @@ def test_pallas_takes_the_mosaic_backward_unless_given_a_triton_config(monkeypat
     default = gradient_text(None)
     assert "mosaic_gpu" in default and "triton" not in default
     assert "triton" in gradient_text(TritonConfig())
+
+
+def test_op_cross_lowers_with_segment_ids():
+    """Packed documents through the op: the Mosaic forward and, for gradients, the Mosaic backward
+    only (the segment tables ride along; no pieces even where the plan would cut them)."""
+    q = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+    rates = jnp.array([0.1, 0.2])
+    op = lambda q, k, v, seg: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                                  segment_ids=seg)
+    loss = lambda q, k, v, seg: op(q, k, v, seg).astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 4 and "triton" not in text  # forward, dQ, dV, dK sweeps
 
 
 def test_op_cross_lowers_with_triton_gradients():

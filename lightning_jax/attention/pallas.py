@@ -22,13 +22,14 @@ FULL_GRID = 0.9  # programs per SM from which the Mosaic forward needs no pieces
 
 def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_size: int | None = None,
                    interpret: bool | None = None, capability: str | None = None, sm_count: int | None = None) -> str:
-    """"mosaic" or "triton": the backend "pallas" runs a call's forward with.
+    """"mosaic" or "triton": the backend "pallas" runs a call with.
 
     `capability` is the GPU's compute capability ("9.0" for an H100/H200) and `sm_count` its number
     of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
-    in interpret mode (the Mosaic interpreter is far slower), packed documents (segment ids), a block
-    size other than the Mosaic forward's 64, 32-bit operands, dim_k > 128, and calls with fewer
-    (batch x head x 64-wide value tile) programs than about one per SM. There the Mosaic forward has
+    in interpret mode (the Mosaic interpreter is far slower), packed documents (segment ids: the
+    Mosaic kernels take them, but have not run them on a GPU yet), a block size other than the
+    Mosaic forward's 64, 32-bit operands, dim_k > 128, and calls with fewer (batch x head x 64-wide
+    value tile) programs than about one per SM. There the Mosaic forward has
     to cut sequences into pieces and read k and v twice, and measured slower on an H200
     (docs/kernels.md): 2 x 16,384 x 16 heads 0.35 ms against Triton's 0.28."""
     if interpret or (interpret is None and jax.default_backend() != "gpu"):

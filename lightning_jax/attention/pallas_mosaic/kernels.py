@@ -279,7 +279,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
-               scores_in_registers=False, update_in_registers=False):
+               scores_in_registers=False, update_in_registers=False, has_segments=False):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -292,9 +292,15 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     Barriers: full (a copy landed), consumed (both compute warpgroups are done with a slot), ready
     (a bf16 state is published) and free (the output warpgroup has read it). Every arrival is waited
     for before the program ends (the interpreter checks it; on the GPU it keeps warpgroups together).
+
+    With `has_segments` a fourth stream, the block's segment tables (`segment_tables`), lands in
+    each slot: the output warpgroup masks the scores to same-segment pairs and the inter-block term
+    to tokens of the carried state's segment; the state warpgroup drops the carried state where a
+    document starts in the block and adds only the block's last document.
     """
     refs = list(refs)
     s0_ref = refs.pop(0) if has_s0 else None
+    seg_ref = refs.pop(0) if has_segments else None
     o_ref, sf_ref = refs.pop(0), refs.pop(0)
     (rs_ref,) = refs if chunk_blocks else (None,)
     dt = q_ref.dtype
@@ -307,7 +313,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces, reverse)
 
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, full, consumed, ready,
-               free, tbars, done):
+               free, tbars, done, *segments):
+        seg_s, seg_full = segments if has_segments else (None, None)  # [stages, 5, block] fp32
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
@@ -324,6 +331,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, :], q_s.at[slot], full.at[3 * slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h, :], k_s.at[slot], full.at[3 * slot + 1])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, cols], v_s.at[slot], full.at[3 * slot + 2])
+                if has_segments:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, g], seg_s.at[slot], seg_full.at[slot])
                 return carry
 
             lax.fori_loop(0, steps, load, 0)
@@ -355,11 +364,19 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.barrier_arrive(ready.at[n % 2])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
                 plgpu.barrier_wait(full.at[3 * slot + 2])
+                if has_segments:  # keep the state only within its document; add the block's last one
+                    plgpu.barrier_wait(seg_full.at[slot])
+                    s = s * seg_s[slot, 4, 0]
                 if update_in_registers:  # A = K^T diag(lambda^(m-1-a)) from registers: no staging
                     kt = plgpu.load(k_s.at[slot].transpose((1, 0)), layout=wgmma).astype(jnp.float32)
-                    kdec_cols = lax.broadcast_in_dim(_block_kdec_columns(kdec_s, g, real_blocks), kt.shape, [1])
+                    kdec_cols = _block_kdec_columns(kdec_s, g, real_blocks)
+                    if has_segments:
+                        kdec_cols = kdec_cols * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(0))
+                    kdec_cols = lax.broadcast_in_dim(kdec_cols, kt.shape, [1])
                     s = s * _rows(sdec, s.shape) + _mm_registers((kt * kdec_cols).astype(dt), v_s.at[slot])
                 else:
+                    if has_segments:
+                        kdec = kdec * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(1))
                     v = plgpu.load(v_s.at[slot], layout=wgmma).astype(jnp.float32)
                     vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
                     plgpu.commit_smem()
@@ -387,7 +404,19 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 b, _, g = where(n)
                 plgpu.barrier_wait(full.at[3 * slot])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
-                scores = _mm(q_s.at[slot], k_s.at[slot].transpose((1, 0))) * mask
+                qdec = _block_qdec(qdec_s, g, real_blocks)
+                block_mask = mask
+                if has_segments:  # same-document pairs; the carried state's document only
+                    plgpu.barrier_wait(seg_full.at[slot])
+                    rows_seg = plgpu.load(seg_s.at[slot, 0], layout=wgmma.reduce(1))
+                    cols_seg = plgpu.load(seg_s.at[slot, 1], layout=wgmma.reduce(0))
+                    # Documents are whole numbers: 1 - min(d^2, 1) is 1 within one, 0 across.
+                    d = (lax.broadcast_in_dim(rows_seg, (block, block), [0])
+                         - lax.broadcast_in_dim(cols_seg, (block, block), [1]))
+                    ones = plgpu.layout_cast(jnp.ones((block, block), jnp.float32), wgmma)
+                    block_mask = mask * (ones - jnp.minimum(d * d, ones))
+                    qdec = qdec * plgpu.load(seg_s.at[slot, 2], layout=wgmma.reduce(1))
+                scores = _mm(q_s.at[slot], k_s.at[slot].transpose((1, 0))) * block_mask
                 if scores_in_registers:  # (P V with A from registers: no staging of P)
                     plgpu.barrier_wait(full.at[3 * slot + 2])
                     o = _mm_registers(scores.astype(dt), v_s.at[slot])
@@ -397,7 +426,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                     plgpu.barrier_wait(full.at[3 * slot + 2])
                     o = _mm(p_s, v_s.at[slot])
                 plgpu.barrier_wait(ready.at[n % 2])
-                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(_block_qdec(qdec_s, g, real_blocks), (block, tile_v))
+                o = o + _mm(q_s.at[slot], r_s.at[n % 2]) * _rows(qdec, (block, tile_v))
                 plgpu.barrier_arrive(free.at[n % 2])
                 plgpu.barrier_arrive(consumed.at[slot])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block's store has read o_s
@@ -432,6 +461,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         plgpu.Barrier(num_barriers=2),  # free
         plgpu.Barrier(num_barriers=5),  # tables and initial states
         plgpu.Barrier(num_arrivals=3),  # done
+        *([plgpu.SMEM((stages, 5, block), jnp.float32), plgpu.Barrier(num_barriers=stages)] if has_segments else []),
         collective_axes="wg",
     )
 
@@ -476,6 +506,37 @@ def decay_tables(rates, *, block, length, dim_k, scale=1.0, reverse=False):
     return mask, qdec, kdec, sdec
 
 
+def segment_tables(segment_ids, *, block, padded, reverse=False):
+    """Per-block fp32 tables [batch, padded / block, 5, block] of packed documents for the
+    three-warpgroup kernel, from segment_ids [batch, time] (non-decreasing per row):
+
+      0, 1: each token's document (renumbered 0, 1, ... along the row, exact in fp32), twice: the
+         kernel reads one copy as rows and one as columns (one shared-memory row read in two
+         register layouts defeats Mosaic GPU's layout inference);
+      2: 1 where the token's document is the carried state's as the block starts (the document of
+         the token just before the block, or of the row's first token for the first block;
+         in reverse, of the token just after it, or the row's last);
+      3: 1 where the token's document is the one the state carries out of the block (the block's
+         last token's; in reverse, its first token's);
+      4: 1 (every entry) where those two are the same document, else 0: the carried state is dropped.
+
+    Positions past the end take the last token's document, so padding passes the state through."""
+    ids = segment_ids.astype(jnp.int32)
+    batch, time = ids.shape
+    starts = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), (ids[:, 1:] != ids[:, :-1]).astype(jnp.int32)], 1)
+    doc = jnp.pad(jnp.cumsum(starts, axis=1), ((0, 0), (0, padded - time)), mode="edge")  # [batch, padded]
+    blocks = doc.reshape(batch, padded // block, block)
+    if reverse:
+        entering = jnp.concatenate([doc[:, block::block], doc[:, -1:]], axis=1)  # the token after each block
+        leaving = blocks[:, :, 0]
+    else:
+        entering = jnp.concatenate([doc[:, :1], doc[:, block - 1:-1:block]], axis=1)  # the token before
+        leaving = blocks[:, :, -1]
+    tables = [blocks, blocks, blocks == entering[..., None], blocks == leaving[..., None],
+              jnp.broadcast_to((entering == leaving)[..., None], blocks.shape)]
+    return jnp.stack([t.astype(jnp.float32) for t in tables], axis=2)
+
+
 def _pad_to(x, axis, multiple):
     extra = -x.shape[axis] % multiple
     if not extra:
@@ -495,7 +556,7 @@ def _interpret_params(interpret):
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
            has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
-           update_in_registers=False):
+           update_in_registers=False, has_segments=False):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -512,7 +573,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
-                                   update_in_registers=update_in_registers, **common)
+                                   update_in_registers=update_in_registers, has_segments=has_segments, **common)
     else:
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
@@ -535,7 +596,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
                                              "interpret", "chunk", "reverse", "scores_in_registers",
                                              "update_in_registers", "state_split"))
-def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
+def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
             chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None,
             update_in_registers: bool | None = None, state_split: int = 1):
@@ -545,6 +606,10 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
       q, k: [batch, time, heads, dim_k] bfloat16 or float16; v: [batch, time, heads, dim_v], same dtype.
       rates: [heads] decay rates >= 0.
       initial_state: optional fp32 [batch, heads, dim_k, dim_v], the state before the first token.
+      segment_ids: optional [batch, time] integers, non-decreasing along each row: packed
+        documents, as `reference.quadratic` defines them (attention within a document; the initial
+        state reaches the first document, the final state is the last one's). Needs
+        warp_specialized, one piece and no chunk states.
       block: tokens per block, a positive multiple of 64 (wgmma's M).
       scale: multiplies q (folded into the fp32 decay tables, q itself is never rescaled).
       pieces: cut each sequence into this many pieces of whole blocks that run as separate
@@ -613,6 +678,8 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
     if time == 0:
         raise ValueError("time must be positive")
+    if segment_ids is not None and segment_ids.shape != (batch, time):
+        raise ValueError(f"segment_ids: expected shape {(batch, time)}, got {segment_ids.shape}")
     if scores_in_registers is None:  # the GPU's faster forms wherever they can run
         scores_in_registers = warp_specialized and interpret is False
     if update_in_registers is None:
@@ -627,6 +694,9 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
     real_blocks = pl.cdiv(time, block)
     blocks_per_piece = pl.cdiv(real_blocks, pieces)
     pieces = pl.cdiv(real_blocks, blocks_per_piece)  # padding lies in the last piece only
+    if segment_ids is not None and (pieces > 1 or chunk is not None or not warp_specialized):
+        raise ValueError(f"segment_ids need warp_specialized=True, one piece and no chunk states; got "
+                         f"warp_specialized={warp_specialized}, pieces={pieces}, chunk={chunk}")
     padded = pieces * blocks_per_piece * block
     q, k = (_pad_to(_pad_to(x, 1, padded), 3, _TILE) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, padded), 3, _TILE)
@@ -648,10 +718,13 @@ def forward(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float
         s0 = s0[:, None]
 
     args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
+    if segment_ids is not None:
+        args.append(segment_tables(segment_ids, block=block, padded=padded, reverse=reverse))
     out = _sweep(
         args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
         has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
-        scores_in_registers=scores_in_registers, update_in_registers=update_in_registers, **common,
+        scores_in_registers=scores_in_registers, update_in_registers=update_in_registers,
+        has_segments=segment_ids is not None, **common,
     )
     # The state after the sweep: the last piece's, or in reverse the first piece's.
     o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
@@ -728,7 +801,8 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     return jnp.concatenate([first[:, None], jnp.moveaxis(middle[::-1], 0, 1), last[:, None]], axis=1)
 
 
-def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
+def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, block: int = 64, scale: float = 1.0,
+             pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
              scores_in_registers: bool | None = None, update_in_registers: bool | None = None,
              state_split: int = 1):
@@ -752,9 +826,9 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, *, block: int = 64, sc
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
-    dq, _ = wait(forward(d_o, v, k, rates, s_in_t, pieces=pieces, **common))
-    dv, g = wait(forward(k, q, d_o, rates, d_final, pieces=pieces, reverse=True, **common))
+    dq, _ = wait(forward(d_o, v, k, rates, s_in_t, segment_ids, pieces=pieces, **common))
+    dv, g = wait(forward(k, q, d_o, rates, d_final, segment_ids, pieces=pieces, reverse=True, **common))
     d_final_t = None if d_final is None else jnp.swapaxes(d_final, -1, -2)
-    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, pieces=pieces, reverse=True, **common))
+    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, segment_ids, pieces=pieces, reverse=True, **common))
     d_s_in = None if initial_state is None else jnp.exp(-rates.astype(jnp.float32))[None, :, None, None] * g
     return dq, dk, dv, d_s_in

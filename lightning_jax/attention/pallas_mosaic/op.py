@@ -28,13 +28,14 @@ from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(settings, plan, q, k, v, rates, s_in):
-    return forward(q, k, v, rates, s_in, **dict(settings))
+def _attention(settings, plan, q, k, v, rates, s_in, segment_ids):
+    return forward(q, k, v, rates, s_in, segment_ids, **dict(settings))
 
 
-def _attention_fwd(settings, plan, q, k, v, rates, s_in):
+def _attention_fwd(settings, plan, q, k, v, rates, s_in, segment_ids):
     if plan is None:  # the Mosaic backward: it needs the inputs only
-        return forward(q, k, v, rates, s_in, **dict(settings)), (q, k, v, rates, s_in)
+        return forward(q, k, v, rates, s_in, segment_ids, **dict(settings)), (q, k, v, rates, s_in, segment_ids)
+    # The Triton backward (no segment ids: the op sends those to the Mosaic backward).
     if plan.chunk % MOSAIC_BLOCK:
         return _triton_fwd(plan, q, k, v, rates, s_in)
     if plan.num_chunks == 1 and s_in is None:  # the Triton backward starts from a zero state
@@ -50,12 +51,12 @@ def _attention_fwd(settings, plan, q, k, v, rates, s_in):
 
 def _attention_bwd(settings, plan, residuals, cotangents):
     if plan is None:
-        q, k, v, rates, s_in = residuals
+        q, k, v, rates, s_in, segment_ids = residuals
         d_o, d_final = cotangents
-        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, **dict(settings))
+        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, segment_ids, **dict(settings))
         # The API refuses to differentiate rates (api.lightning_attention), so zero is never used wrongly.
-        return dq, dk, dv, jnp.zeros_like(rates), d_s_in
-    return _triton_bwd(plan, residuals, cotangents)
+        return dq, dk, dv, jnp.zeros_like(rates), d_s_in, None
+    return (*_triton_bwd(plan, residuals, cotangents), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -78,16 +79,13 @@ def lightning_attention_mosaic(
     Pallas-Triton one (`MosaicConfig.backward`; None chooses, `config.choose_backward`). Shapes as
     in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two
     stages (<= 192 with `MosaicConfig(stages=1)`), any dim_v (the Mosaic backward: dim_v within the
-    same limit), any length. No segment ids yet.
+    same limit), any length. Segment ids (packed documents) run compiled for the GPU only, without
+    pieces and with the Mosaic backward; checked in interpret mode and cross-lowered, not yet run on
+    a GPU, so "pallas" still sends them to the Triton kernels.
 
     `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
     interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
     default backend is not a GPU."""
-    if segment_ids is not None:
-        raise checks.ArgumentError(
-            "segment_ids", "got segment ids, which 'pallas_mosaic' does not take yet; use 'pallas' (it runs them "
-            "with the Triton kernels)"
-        )
     if q.dtype.itemsize != 2:
         raise checks.ArgumentError("q", f"got dtype {q.dtype}, expected bfloat16 or float16 for 'pallas_mosaic'")
     if block_size not in (None, MOSAIC_BLOCK):
@@ -105,10 +103,14 @@ def lightning_attention_mosaic(
             f"stages={config.stages} (its dQ and dK sweeps read dO and v as their q); use MosaicConfig(backward='triton')"
         )
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    if segment_ids is not None:
+        _check_segments(config, v.shape[-1], stages_limit, interpret)
     batch, time, heads, _ = q.shape
     # Without a GPU (cross-lowering, interpret mode) gpu_facts() plans for an H100/H200.
     pieces, rows = launch_plan(batch, time, heads, v.shape[-1], gpu_facts().sm_count)
     pieces = config.pieces or pieces
+    if segment_ids is not None:  # the kernels take documents whole sequences at a time, both ways
+        pieces = 1
     backward_kind = config.backward
     if backward_kind is None:  # a TritonConfig for the gradients asks for the Triton backward
         backward_kind = ("triton" if config.gradients is not None
@@ -124,9 +126,29 @@ def lightning_attention_mosaic(
         ("interpret", interpret),
     )
     plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
+    if segment_ids is not None:
+        backward_kind = "mosaic"
     if backward_kind == "triton" or interpret:
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
     rates = lax.optimization_barrier(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    return _attention(settings, plan, q, k, v, rates, initial_state)
+    return _attention(settings, plan, q, k, v, rates, initial_state, segment_ids)
+
+
+def _check_segments(config, dim_v, stages_limit, interpret):
+    """Segment ids run the Mosaic kernels without pieces and the Mosaic backward, compiled."""
+    if interpret:
+        raise checks.ArgumentError(
+            "segment_ids", "got segment ids with interpret mode; 'pallas_mosaic' runs them compiled for the GPU only "
+            "(its backward would put three interpreted kernels in one program); use 'pallas_triton' to interpret"
+        )
+    if config.pieces not in (None, 1) or config.backward == "triton" or config.gradients is not None:
+        raise checks.ArgumentError(
+            "segment_ids", f"got segment ids with MosaicConfig(pieces={config.pieces}, backward={config.backward!r}, "
+            "gradients=...); they run without pieces and with the Mosaic backward: leave those three unset"
+        )
+    if dim_v > stages_limit:
+        raise checks.ArgumentError(
+            "v", f"got dim_v {dim_v} with segment ids, expected <= {stages_limit} (they need the Mosaic backward)"
+        )
