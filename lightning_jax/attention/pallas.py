@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import jax
 
+from lightning_jax.attention.pallas_mosaic.config import dim_limit
 from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 
 # The Mosaic forward's limits: Hopper's wgmma and TMA, 16-bit operands, dim_k that fits two stages
 # of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
 MOSAIC_CAPABILITIES = ("9.0",)
-MOSAIC_MAX_DIM_K = 128
+MOSAIC_MAX_DIM_K = dim_limit(stages=2)
 FULL_GRID = 0.9  # programs per SM from which the Mosaic forward needs no pieces (launch_plan)
 
 

@@ -58,6 +58,12 @@ class MosaicConfig:
             )
 
 
+def dim_limit(stages: int) -> int:
+    """The largest dim_k (and, for the Mosaic backward, dim_v) the three-warpgroup kernel's shared
+    memory holds: two stages of q, k, v at 128, one stage at 192."""
+    return 128 if stages == 2 else 192
+
+
 def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) -> tuple[int, int]:
     """(pieces, rows_per_program) for a call: about one program per SM (one fits at a time).
 
@@ -86,5 +92,4 @@ def choose_backward(pieces: int, dim_v: int, stages: int) -> str:
     the Mosaic backward is 1.03-1.21x faster at four of six shapes (4 x 16,384 x 16 x 128: 1.52
     against 1.69 ms) and 0.99x at the other two; with pieces it loses (1 x 65,536 x 16 x 128: 2.26
     against 1.89 ms all-Triton), its reverse sweeps reading k, v, q and dO twice."""
-    dim_limit = 128 if stages == 2 else 192
-    return "mosaic" if pieces == 1 and dim_v <= dim_limit else "triton"
+    return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) else "triton"

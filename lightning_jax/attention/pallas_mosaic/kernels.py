@@ -680,16 +680,13 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         raise ValueError("time must be positive")
     if segment_ids is not None and segment_ids.shape != (batch, time):
         raise ValueError(f"segment_ids: expected shape {(batch, time)}, got {segment_ids.shape}")
-    if scores_in_registers is None:  # the GPU's faster forms wherever they can run
-        scores_in_registers = warp_specialized and interpret is False
-    if update_in_registers is None:
-        update_in_registers = warp_specialized and interpret is False
-    if scores_in_registers and (not warp_specialized or interpret is not False):
-        raise ValueError("scores_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
-                         "has no rule for wgmma with A in registers)")
-    if update_in_registers and (not warp_specialized or interpret is not False):
-        raise ValueError("update_in_registers needs warp_specialized=True and interpret=False (GPU interpret mode "
-                         "has no rule for wgmma with A in registers)")
+    registers_possible = warp_specialized and interpret is False  # the GPU's faster forms, where they can run
+    scores_in_registers = registers_possible if scores_in_registers is None else scores_in_registers
+    update_in_registers = registers_possible if update_in_registers is None else update_in_registers
+    for name, on in (("scores_in_registers", scores_in_registers), ("update_in_registers", update_in_registers)):
+        if on and not registers_possible:
+            raise ValueError(f"{name} needs warp_specialized=True and interpret=False (GPU interpret mode has no "
+                             "rule for wgmma with A in registers)")
 
     real_blocks = pl.cdiv(time, block)
     blocks_per_piece = pl.cdiv(real_blocks, pieces)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lightning_jax import checks
-from lightning_jax.attention.pallas_mosaic.config import MOSAIC_BLOCK, MosaicConfig, choose_backward, launch_plan
+from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward, dim_limit,
+                                                          launch_plan)
 from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
@@ -91,7 +92,7 @@ def lightning_attention_mosaic(
     if block_size not in (None, MOSAIC_BLOCK):
         raise checks.ArgumentError("block_size", f"got {block_size}, expected None or {MOSAIC_BLOCK} for 'pallas_mosaic'")
     config = MosaicConfig() if config is None else config
-    stages_limit = 128 if config.stages == 2 else 192
+    stages_limit = dim_limit(config.stages)
     if q.shape[-1] > stages_limit:
         raise checks.ArgumentError(
             "q", f"got dim_k {q.shape[-1]}, expected <= {stages_limit} for 'pallas_mosaic' with stages={config.stages} "
@@ -110,11 +111,13 @@ def lightning_attention_mosaic(
     pieces, rows = launch_plan(batch, time, heads, v.shape[-1], gpu_facts().sm_count)
     pieces = config.pieces or pieces
     if segment_ids is not None:  # the kernels take documents whole sequences at a time, both ways
-        pieces = 1
-    backward_kind = config.backward
-    if backward_kind is None:  # a TritonConfig for the gradients asks for the Triton backward
-        backward_kind = ("triton" if config.gradients is not None
-                         else choose_backward(pieces, v.shape[-1], config.stages))
+        pieces, backward_kind = 1, "mosaic"
+    elif config.backward is not None:
+        backward_kind = config.backward
+    elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
+        backward_kind = "triton"
+    else:
+        backward_kind = choose_backward(pieces, v.shape[-1], config.stages)
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
@@ -126,8 +129,6 @@ def lightning_attention_mosaic(
         ("interpret", interpret),
     )
     plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
-    if segment_ids is not None:
-        backward_kind = "mosaic"
     if backward_kind == "triton" or interpret:
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
     rates = lax.optimization_barrier(rates.astype(jnp.float32))
