@@ -51,6 +51,9 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
     (2, 1000, 4, 128, 128, True, 1, 2, True, True, True),
     (1, 4099, 8, 128, 128, False, 4, 2, True, True, True),
     (1, 777, 2, 64, 256, True, 2, 2, True, True, True),
+    # three stages (dim_k <= 128, both register forms)
+    (2, 1000, 4, 128, 128, True, 1, 3, True, True, True),
+    (1, 4099, 8, 128, 128, False, 4, 3, True, True, True),
 ]
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
@@ -60,7 +63,7 @@ SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
 # the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
 # K^T diag(kdec) from registers (update_in_registers); three warpgroups only
-VARIANT_NAME = re.compile(r"(b:)?([sw])([12])p(\d+)g(\d+)(?:x(\d+))?([ru]*)")
+VARIANT_NAME = re.compile(r"(b:)?([sw])([123])p(\d+)g(\d+)(?:x(\d+))?([ru]*)")
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
             "w2p1g1r", "w2p4g1r", "w2p1g1ru"]
 

@@ -16,7 +16,7 @@ import pytest
 
 from lightning_jax.attention import MosaicConfig, TritonConfig, lightning_attention, reference
 from lightning_jax.attention.pallas import choose_backend
-from lightning_jax.attention.pallas_mosaic import choose_backward, launch_plan
+from lightning_jax.attention.pallas_mosaic.config import choose_backward, choose_stages, choose_state_split, launch_plan
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 if not hasattr(plgpu, "InterpretGPUParams"):
@@ -122,10 +122,11 @@ def test_no_races_and_no_uninitialised_reads():
 
 # Three warpgroups (memory, state, output) and the launch layouts: pieces of a sequence with start
 # states from the first kernel and the scan; several rows per program, the loads running ahead
-# across rows; one stage and two.
+# across rows; one stage, two and three.
 @pytest.mark.parametrize(
     "batch,time,pieces,rows,stages",
-    [(1, 200, 1, 1, 2), (2, 130, 1, 2, 1), (1, 300, 3, 1, 2), (2, 260, 4, 8, 2), (3, 64, 1, 3, 2)],
+    [(1, 200, 1, 1, 2), (2, 130, 1, 2, 1), (1, 300, 3, 1, 2), (2, 260, 4, 8, 2), (3, 64, 1, 3, 2),
+     (1, 330, 1, 1, 3), (3, 200, 1, 3, 3), (1, 300, 2, 1, 3)],
 )
 def test_warp_specialized_matches_quadratic(batch, time, pieces, rows, stages):
     q, k, v, s_in = _inputs(batch, time, 2, 64, 128, seed=time)
@@ -165,7 +166,8 @@ def test_warp_specialized_no_races():
 @pytest.mark.parametrize(
     "batch,time,chunk,kw",
     [(1, 300, 128, dict(warp_specialized=True)), (2, 260, 64, dict(warp_specialized=True, pieces=2, rows_per_program=2)),
-     (1, 200, 128, dict(pieces=2)), (2, 64, 64, dict(warp_specialized=True, rows_per_program=2))],
+     (1, 200, 128, dict(pieces=2)), (2, 64, 64, dict(warp_specialized=True, rows_per_program=2)),
+     (1, 300, 128, dict(warp_specialized=True, stages=3))],
 )
 @pytest.mark.parametrize("initial_state", [False, True])
 def test_chunk_states_are_the_prefix_states(batch, time, chunk, kw, initial_state):
@@ -339,6 +341,47 @@ def test_launch_plan():
         assert (batch * pieces) % rows == 0
 
 
+def test_stages_and_state_split_choices():
+    """Three stages where the three-warpgroup forward runs whole sequences compiled, two elsewhere;
+    with pieces, the first kernel split to about two programs per SM."""
+    assert choose_stages(1, 128, True, True) == 3
+    assert choose_stages(4, 128, True, True) == 2  # pieces
+    assert choose_stages(1, 192, True, True) == 2  # shared memory
+    assert choose_stages(1, 128, False, True) == 2  # interpret mode: no operands from registers
+    assert choose_stages(1, 64, True, False) == 2  # one warpgroup
+    assert choose_state_split(1, 16, 128, 4, 132) == 2  # 128 programs in the output pass -> 256
+    assert choose_state_split(2, 16, 128, 2, 132) == 2
+    assert choose_state_split(1, 8, 128, 8, 132) == 2
+    assert choose_state_split(1, 1, 64, 4, 132) == 66
+    assert choose_state_split(4, 16, 128, 1, 132) == 1  # no pieces, nothing to split
+
+
+def test_op_passes_its_choices_to_the_kernels(monkeypatch):
+    """The op runs its forward with the chosen stages and split, and the Mosaic backward's sweeps
+    with two stages (three are not measured there); an explicit MosaicConfig.stages reaches both."""
+    from lightning_jax.attention.pallas_mosaic import op as mosaic_op
+
+    seen = []
+    for name in ("forward", "backward"):
+        kernel = getattr(mosaic_op, name)
+        monkeypatch.setattr(mosaic_op, name, lambda *a, _k=kernel, _n=name, **kw: (seen.append((_n, kw)), _k(*a, **kw))[1])
+
+    def trace(shape, config=None):
+        seen.clear()
+        q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        rates = jnp.zeros((shape[2],))
+        op = lambda q: lightning_attention(q, q, q, rates, implementation="pallas_mosaic", interpret=False,
+                                           config=config).astype(jnp.float32).sum()
+        jax.jit(jax.grad(op)).trace(q)
+        return {name: (kw["stages"], kw["pieces"], kw["state_split"]) for name, kw in seen}
+
+    assert trace((1, 256, 128, 64)) == {"forward": (3, 1, 1), "backward": (2, 1, 1)}  # 128 programs
+    assert trace((1, 256, 128, 64), MosaicConfig(stages=2)) == {"forward": (2, 1, 1), "backward": (2, 1, 1)}
+    assert trace((1, 256, 128, 64), MosaicConfig(stages=1)) == {"forward": (1, 1, 1), "backward": (1, 1, 1)}
+    assert trace((1, 4096, 16, 64), MosaicConfig(backward="mosaic")) == {  # 16 programs: 8 pieces
+        "forward": (2, 8, 2), "backward": (2, 8, 2)}
+
+
 def _op(q, k, v, rates, s_in, **kw):
     return lightning_attention(q, k, v, rates, initial_state=s_in, return_final_state=True,
                                implementation="pallas_mosaic", interpret=True, **kw)
@@ -413,7 +456,7 @@ def test_op_refuses_what_it_does_not_cover():
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("stages", 3, "MosaicConfig.stages"), ("pieces", 0, "MosaicConfig.pieces: got 0"),
+    [("stages", 4, "MosaicConfig.stages"), ("pieces", 0, "MosaicConfig.pieces: got 0"),
      ("rows_per_program", 1.5, "MosaicConfig.rows_per_program"), ("warp_specialized", 1, "warp_specialized"),
      ("gradients", {}, "MosaicConfig.gradients: got dict"), ("backward", "xla", "MosaicConfig.backward"),
      ("state_split", 0, "MosaicConfig.state_split: got 0")],
@@ -432,7 +475,9 @@ def test_pallas_chooses_mosaic_where_it_covers_the_call():
                           sm_count=108) == "triton"
     assert choose_backend((2, 4096, 64, 128), 128, jnp.float32, **hopper) == "triton"
     assert choose_backend((2, 4096, 64, 256), 256, jnp.bfloat16, **hopper) == "triton"
-    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, segments=True, **hopper) == "triton"
+    assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, segments=True, **hopper) == "mosaic"
+    assert choose_backend((2, 4096, 64, 128), 256, jnp.bfloat16, segments=True, **hopper) == "triton"  # dim_v
+    assert choose_backend((2, 4096, 64, 128), 256, jnp.bfloat16, **hopper) == "mosaic"
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, block_size=128, **hopper) == "triton"
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=True, capability="9.0",
                           sm_count=132) == "triton"
@@ -461,7 +506,9 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
      (4096, 128, 128, True, dict(warp_specialized=True, scores_in_registers=False, update_in_registers=False)),
      (4096, 128, 128, True, dict(warp_specialized=True, update_in_registers=True, chunk=1024)),
      (500, 192, 64, True, dict(warp_specialized=True, stages=1, update_in_registers=True, reverse=True)),
-     (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, state_split=4, reverse=True))],
+     (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, state_split=4, reverse=True)),
+     (4096, 128, 128, True, dict(warp_specialized=True, stages=3)),
+     (1000, 128, 64, False, dict(warp_specialized=True, stages=3, rows_per_program=2, chunk=256))],
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU
@@ -509,8 +556,9 @@ def test_pallas_takes_the_mosaic_backward_unless_given_a_triton_config(monkeypat
     rates = jnp.array([0.1, 0.2])
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
-    def gradient_text(config):
-        op = lambda q, k, v: pallas.lightning_attention_pallas(q, k, v, rates, None, config=config, interpret=False)
+    def gradient_text(config, segment_ids=None):
+        op = lambda q, k, v: pallas.lightning_attention_pallas(q, k, v, rates, None, config=config, interpret=False,
+                                                               segment_ids=segment_ids)
         loss = lambda q, k, v: op(q, k, v)[0].astype(jnp.float32).sum()  # (o, final state)
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
             return jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
@@ -518,6 +566,13 @@ def test_pallas_takes_the_mosaic_backward_unless_given_a_triton_config(monkeypat
     default = gradient_text(None)
     assert "mosaic_gpu" in default and "triton" not in default
     assert "triton" in gradient_text(TritonConfig())
+    # Packed documents: Mosaic both ways (forward and three sweeps); with a TritonConfig, Triton both ways.
+    seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 64)[None]
+    documents = gradient_text(None, seg)
+    assert documents.count("mosaic_gpu") >= 4 and "triton" not in documents
+    assert "tensor<1x4x5x64xf32>" in documents  # the segment tables (kernels.segment_tables) reach the kernels
+    documents = gradient_text(TritonConfig(), seg)
+    assert "triton" in documents and "mosaic_gpu" not in documents
 
 
 def test_op_cross_lowers_with_segment_ids():

@@ -27,12 +27,12 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
 
     `capability` is the GPU's compute capability ("9.0" for an H100/H200) and `sm_count` its number
     of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
-    in interpret mode (the Mosaic interpreter is far slower), packed documents (segment ids: the
-    Mosaic kernels take them, but have not run them on a GPU yet), a block size other than the
-    Mosaic forward's 64, 32-bit operands, dim_k > 128, and calls with fewer (batch x head x 64-wide
-    value tile) programs than about one per SM. There the Mosaic forward has
-    to cut sequences into pieces and read k and v twice, and measured slower on an H200
-    (docs/kernels.md): 2 x 16,384 x 16 heads 0.35 ms against Triton's 0.28."""
+    in interpret mode (the Mosaic interpreter is far slower), a block size other than the Mosaic
+    forward's 64, 32-bit operands, dim_k > 128, packed documents (`segments`) with dim_v > 128
+    (they need the Mosaic backward), and calls with fewer (batch x head x 64-wide value tile)
+    programs than about one per SM. There the Mosaic forward has to cut sequences into pieces and
+    read k and v twice, and measured slower on an H200 (docs/kernels.md): 2 x 16,384 x 16 heads
+    0.35 ms against Triton's 0.28."""
     if interpret or (interpret is None and jax.default_backend() != "gpu"):
         return "triton"
     if capability is None or sm_count is None:
@@ -47,7 +47,7 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2
         and dim_k <= MOSAIC_MAX_DIM_K
-        and not segments
+        and (not segments or dim_v <= MOSAIC_MAX_DIM_K)
         and block_size in (None, 64)
         and programs >= FULL_GRID * sm_count
     )
@@ -68,14 +68,18 @@ def lightning_attention_pallas(
     segment_ids=None,
 ):
     """Shapes as in `lightning_jax.attention.registry`. `config` tunes the Triton kernels; given, it
-    also pins the Triton backward where the Mosaic forward runs (the forward stays Mosaic there)."""
-    backend = choose_backend(q.shape, v.shape[-1], q.dtype, segments=segment_ids is not None, block_size=block_size,
+    also pins the Triton backward where the Mosaic forward runs (the forward stays Mosaic there),
+    and sends packed documents to Triton both ways (the Mosaic kernels run them with their own
+    backward only)."""
+    segments = segment_ids is not None
+    backend = choose_backend(q.shape, v.shape[-1], q.dtype, segments=segments, block_size=block_size,
                              interpret=interpret)
-    if backend == "mosaic":
+    if backend == "mosaic" and not (segments and config is not None):
         from lightning_jax.attention.pallas_mosaic import MosaicConfig, lightning_attention_mosaic
 
-        return lightning_attention_mosaic(q, k, v, rates, initial_state, scale=scale, config=MosaicConfig(gradients=config),
-                                          interpret=False)
+        mosaic_config = MosaicConfig() if segments else MosaicConfig(gradients=config)
+        return lightning_attention_mosaic(q, k, v, rates, initial_state, scale=scale, config=mosaic_config,
+                                          interpret=False, segment_ids=segment_ids)
     from lightning_jax.attention.pallas_triton.op import lightning_attention_triton
 
     extra = {} if segment_ids is None else {"segment_ids": segment_ids}

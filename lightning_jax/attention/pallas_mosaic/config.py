@@ -20,15 +20,16 @@ class MosaicConfig:
     """Knobs of the Mosaic GPU forward (static; hashable). None means "choose from the shape"
     (`launch_plan`).
 
-    stages: q, k, v blocks in flight (1 or 2); 2 needs dim_k <= 128 with warp specialisation.
+    stages: q, k, v blocks in flight (1, 2 or 3) in the forward and the Mosaic backward's sweeps;
+      2 and 3 need dim_k <= 128 (3: warp specialisation, compiled for the GPU, where the operands
+      from registers free the staging buffers). None: `choose_stages`.
     warp_specialized: three warpgroups (memory, state, output) instead of one.
     pieces: programs per sequence (the sequence cut into pieces whose start states a first kernel
       and a scan provide), for grids that do not fill the GPU.
     rows_per_program: rows (pieces of sequences) one program sweeps in turn, for grids of many
       short programs.
     state_split: with pieces, the first kernel (which reads k and v only) cuts each piece into up
-      to this many sub-pieces, so it runs more programs than the output pass. 1 (off) until it is
-      measured on a GPU: `benchmarks/mosaic_forward.py --variants w2p4g1ru,w2p4g1x2ru`.
+      to this many sub-pieces, so it runs more programs than the output pass. None: `launch_plan`.
     gradients: the `TritonConfig` of the Triton backward (None: its defaults); setting it with
       `backward=None` runs the Triton backward.
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes),
@@ -36,22 +37,21 @@ class MosaicConfig:
       `choose_backward`. Interpret mode always runs the Triton backward.
     """
 
-    stages: int = 2
+    stages: int | None = None
     warp_specialized: bool = True
     pieces: int | None = None
     rows_per_program: int | None = None
-    state_split: int = 1
+    state_split: int | None = None
     gradients: TritonConfig | None = None
     backward: str | None = None
 
     def __post_init__(self):
-        checks.check_choice("MosaicConfig.stages", self.stages, (1, 2))
+        checks.check_choice("MosaicConfig.stages", self.stages, (None, 1, 2, 3))
         checks.check_choice("MosaicConfig.backward", self.backward, (None, "triton", "mosaic"))
         checks.check_bool("MosaicConfig.warp_specialized", self.warp_specialized)
-        for name in ("pieces", "rows_per_program"):
+        for name in ("pieces", "rows_per_program", "state_split"):
             if getattr(self, name) is not None:
                 checks.check_int(f"MosaicConfig.{name}", getattr(self, name), minimum=1)
-        checks.check_int("MosaicConfig.state_split", self.state_split, minimum=1)
         if self.gradients is not None and not isinstance(self.gradients, TritonConfig):
             raise checks.ArgumentTypeError(
                 "MosaicConfig.gradients", f"got {type(self.gradients).__name__}, expected None or a TritonConfig"
@@ -60,8 +60,20 @@ class MosaicConfig:
 
 def dim_limit(stages: int) -> int:
     """The largest dim_k (and, for the Mosaic backward, dim_v) the three-warpgroup kernel's shared
-    memory holds: two stages of q, k, v at 128, one stage at 192."""
-    return 128 if stages == 2 else 192
+    memory holds: one stage of q, k, v at 192; two at 128; three at 128 with the operands from
+    registers (which drop the staged scores and decayed v)."""
+    return 192 if stages == 1 else 128
+
+
+def choose_stages(pieces: int, dim_k: int, compiled: bool, warp_specialized: bool) -> int:
+    """The forward's stages when `MosaicConfig.stages` is None (the backward's sweeps keep 2): 3
+    where the three-warpgroup kernel runs whole sequences compiled (its operands from registers
+    leave room for a third q, k, v block), 2 otherwise.
+
+    Measured on an H200 (forward, docs/kernels.md): 3 stages 0.349 against 0.371 ms at
+    4 x 16,384 x 16 x 128, 0.354 against 0.366 at 16 x 4,096 (4 rows a program), 0.361 against
+    0.374 at 64 x 1,024 (16 rows); with pieces mixed (1 x 65,536 x 16: 0.557 against 0.514)."""
+    return 3 if pieces == 1 and dim_k <= dim_limit(3) and compiled and warp_specialized else 2
 
 
 def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) -> tuple[int, int]:
@@ -82,6 +94,17 @@ def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) ->
     divisors = [d for d in range(1, rows + 1) if rows % d == 0]
     per_program = max(d for d in divisors if d == 1 or programs * pieces // d >= full)
     return pieces, per_program
+
+
+def choose_state_split(batch: int, heads: int, dim_v: int, pieces: int, sm_count: int) -> int:
+    """`MosaicConfig.state_split` when None: with pieces, sub-pieces enough for the first kernel
+    (which reads only k and v) to run about two programs per SM; 1 without pieces.
+
+    Measured on an H200 (forward, docs/kernels.md): 0.514 against 0.539 ms with 4 pieces at
+    1 x 65,536 x 16 x 128, 0.303-0.308 against 0.340 with 2 pieces at 2 x 16,384 x 16; about four
+    programs per SM was slower than two at both and at 1 x 65,536 x 8."""
+    programs = batch * heads * -(-dim_v // 64) * pieces
+    return max(1, 2 * sm_count // programs) if pieces > 1 else 1
 
 
 def choose_backward(pieces: int, dim_v: int, stages: int) -> str:

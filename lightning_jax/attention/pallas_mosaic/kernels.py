@@ -446,8 +446,9 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         _smem_operand((stages, block, dim_k), dt),  # q
         _smem_operand((stages, block, dim_k), dt),  # k
         _smem_operand((stages, block, tile_v), dt),  # v
-        _smem_operand((block, block), dt),  # masked scores
-        _smem_operand((block, tile_v), dt),  # decayed v
+        # The staged masked scores and decayed v; unused (a placeholder) where registers carry them.
+        plgpu.SMEM((1,), jnp.float32) if scores_in_registers else _smem_operand((block, block), dt),
+        plgpu.SMEM((1,), jnp.float32) if update_in_registers else _smem_operand((block, tile_v), dt),
         _smem_operand((2, dim_k, tile_v), dt),  # bf16 states for the output warpgroup
         _smem_operand((block, tile_v), dt),  # o
         plgpu.SMEM((block, block), jnp.float32),
@@ -620,7 +621,9 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
       state_split: with pieces, the first kernel cuts each piece into up to this many sub-pieces
         (a divisor of the piece's blocks, at least 4 blocks each) and sums them after, so the pass
         that only reads k and v runs more programs than the output pass.
-      stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing.
+      stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing;
+        3 (three warpgroups only) the next two. 2 and 3 need dim_k <= 128; 3 fits in shared memory
+        with both register forms (`scores_in_registers`, `update_in_registers`) only.
       rows_per_program: each program sweeps this many rows (pieces of sequences) one after the
         other, the loads running ahead across rows: fewer, longer programs for short sequences.
         Reduced to a divisor of batch * pieces.
@@ -674,8 +677,10 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         raise ValueError(f"chunk must be None or a positive multiple of block ({block}), got {chunk}")
     if state_split < 1:
         raise ValueError(f"state_split must be >= 1, got {state_split}")
-    if pieces < 1 or stages not in (1, 2):
-        raise ValueError(f"pieces must be >= 1 and stages 1 or 2, got pieces={pieces}, stages={stages}")
+    if pieces < 1 or stages not in (1, 2, 3):
+        raise ValueError(f"pieces must be >= 1 and stages 1, 2 or 3, got pieces={pieces}, stages={stages}")
+    if stages == 3 and not warp_specialized:
+        raise ValueError("stages=3 needs warp_specialized=True (one warpgroup loads one block ahead)")
     if time == 0:
         raise ValueError("time must be positive")
     if segment_ids is not None and segment_ids.shape != (batch, time):

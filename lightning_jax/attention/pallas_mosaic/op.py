@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lightning_jax import checks
-from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward, dim_limit,
-                                                          launch_plan)
+from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward, choose_stages,
+                                                          choose_state_split, dim_limit, launch_plan)
 from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
@@ -28,22 +28,28 @@ from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_f
 from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
 
 
+def _forward_settings(settings):
+    """The kernels' options for the forward (settings also carry the backward sweeps' stages)."""
+    return {name: value for name, value in settings if name != "backward_stages"}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(settings, plan, q, k, v, rates, s_in, segment_ids):
-    return forward(q, k, v, rates, s_in, segment_ids, **dict(settings))
+    return forward(q, k, v, rates, s_in, segment_ids, **_forward_settings(settings))
 
 
 def _attention_fwd(settings, plan, q, k, v, rates, s_in, segment_ids):
     if plan is None:  # the Mosaic backward: it needs the inputs only
-        return forward(q, k, v, rates, s_in, segment_ids, **dict(settings)), (q, k, v, rates, s_in, segment_ids)
+        o_final = forward(q, k, v, rates, s_in, segment_ids, **_forward_settings(settings))
+        return o_final, (q, k, v, rates, s_in, segment_ids)
     # The Triton backward (no segment ids: the op sends those to the Mosaic backward).
     if plan.chunk % MOSAIC_BLOCK:
         return _triton_fwd(plan, q, k, v, rates, s_in)
     if plan.num_chunks == 1 and s_in is None:  # the Triton backward starts from a zero state
-        o, final = forward(q, k, v, rates, s_in, **dict(settings))
+        o, final = forward(q, k, v, rates, s_in, **_forward_settings(settings))
         r = None
     else:
-        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **dict(settings))
+        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **_forward_settings(settings))
         # [batch, heads, N, dim_k, dim_v] -> the Triton layout [batch * heads, N, dk_pad, dv_pad].
         r = states.reshape(plan.batch * plan.heads, plan.num_chunks, plan.dim_k, plan.dim_v)
         r = jnp.pad(r, ((0, 0), (0, 0), (0, plan.dk_pad - plan.dim_k), (0, plan.dv_pad - plan.dim_v)))
@@ -54,7 +60,8 @@ def _attention_bwd(settings, plan, residuals, cotangents):
     if plan is None:
         q, k, v, rates, s_in, segment_ids = residuals
         d_o, d_final = cotangents
-        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, segment_ids, **dict(settings))
+        options = _forward_settings(settings) | {"stages": dict(settings)["backward_stages"]}
+        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, segment_ids, **options)
         # The API refuses to differentiate rates (api.lightning_attention), so zero is never used wrongly.
         return dq, dk, dv, jnp.zeros_like(rates), d_s_in, None
     return (*_triton_bwd(plan, residuals, cotangents), None)
@@ -81,8 +88,7 @@ def lightning_attention_mosaic(
     in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two
     stages (<= 192 with `MosaicConfig(stages=1)`), any dim_v (the Mosaic backward: dim_v within the
     same limit), any length. Segment ids (packed documents) run compiled for the GPU only, without
-    pieces and with the Mosaic backward; checked in interpret mode and cross-lowered, not yet run on
-    a GPU, so "pallas" still sends them to the Triton kernels.
+    pieces and with the Mosaic backward (dim_v within the limit).
 
     `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
     interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
@@ -92,7 +98,7 @@ def lightning_attention_mosaic(
     if block_size not in (None, MOSAIC_BLOCK):
         raise checks.ArgumentError("block_size", f"got {block_size}, expected None or {MOSAIC_BLOCK} for 'pallas_mosaic'")
     config = MosaicConfig() if config is None else config
-    stages_limit = dim_limit(config.stages)
+    stages_limit = dim_limit(config.stages or 2)  # None: the forward's 3 (where chosen) and 2 share one limit
     if q.shape[-1] > stages_limit:
         raise checks.ArgumentError(
             "q", f"got dim_k {q.shape[-1]}, expected <= {stages_limit} for 'pallas_mosaic' with stages={config.stages} "
@@ -117,15 +123,17 @@ def lightning_attention_mosaic(
     elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
         backward_kind = "triton"
     else:
-        backward_kind = choose_backward(pieces, v.shape[-1], config.stages)
+        backward_kind = choose_backward(pieces, v.shape[-1], config.stages or 2)
+    dim_v, sm_count = v.shape[-1], gpu_facts().sm_count
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
-        ("stages", config.stages),
+        ("stages", config.stages or choose_stages(pieces, q.shape[-1], not interpret, config.warp_specialized)),
+        ("backward_stages", config.stages or 2),
         ("warp_specialized", config.warp_specialized),
         ("pieces", pieces),
         ("rows_per_program", config.rows_per_program or rows),
-        ("state_split", config.state_split),
+        ("state_split", config.state_split or choose_state_split(batch, heads, dim_v, pieces, sm_count)),
         ("interpret", interpret),
     )
     plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
