@@ -72,7 +72,8 @@ def choose_stages(pieces: int, dim_k: int, compiled: bool, warp_specialized: boo
 
     Measured on an H200 (forward, docs/kernels.md): 3 stages 0.349 against 0.371 ms at
     4 x 16,384 x 16 x 128, 0.354 against 0.366 at 16 x 4,096 (4 rows a program), 0.361 against
-    0.374 at 64 x 1,024 (16 rows); with pieces mixed (1 x 65,536 x 16: 0.557 against 0.514)."""
+    0.374 at 64 x 1,024 (16 rows; within that run's spread); with pieces mixed (1 x 65,536 x 16:
+    0.557 against 0.514)."""
     return 3 if pieces == 1 and dim_k <= dim_limit(3) and compiled and warp_specialized else 2
 
 
