@@ -1,7 +1,8 @@
 """Time vs sequence length (family (a)) from benchmarks/attention.py's JSON files.
 
     python benchmarks/plot_attention.py docs/attention_time_vs_length.png \
-        docs/attention_bench_family_a.json docs/attention_bench_family_b.json
+        docs/attention_bench_family_a.json docs/attention_bench_family_b.json \
+        docs/attention_mosaic_peers_family_a_h200.json
 
 Family (a) points are the rows with 65,536 tokens, heads 16, dim 128 from any section; a later file's
 row replaces an earlier one of the same shape (a re-run after a change), so every point keeps the
@@ -21,8 +22,10 @@ FAMILY_A_FILES = (
     "attention_bench_all_peers_family_b.json",
     "attention_bench_family_a.json",
     "attention_bench_family_b.json",
+    "attention_mosaic_peers_family_a_h200.json",
 )
-LABELS = {"pallas": "ours (Pallas)", "xla": "ours (plain XLA)", "jla": "jax-linear-attention (jla)",
+LABELS = {"pallas": "ours (\"pallas\": Mosaic GPU on Hopper)", "pallas_triton": "ours (Pallas-Triton)",
+          "xla": "ours (plain XLA)", "jla": "jax-linear-attention (jla)",
           "fla": "flash-linear-attention (fla)", "seed": "lightning-attn (authors' kernel)",
           "cudnn": "cuDNN softmax attention"}
 
