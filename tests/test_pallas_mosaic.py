@@ -466,6 +466,15 @@ def test_config_checks(field, value, match):
         MosaicConfig(**{field: value})
 
 
+def test_three_stages_need_three_warpgroups():
+    with pytest.raises(ValueError, match="MosaicConfig.stages: got 3 with warp_specialized=False"):
+        MosaicConfig(stages=3, warp_specialized=False)
+    with pytest.raises(ValueError, match="stages=3 needs warp_specialized=True"):
+        q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+        forward(q, q, q, jnp.zeros((1,)), stages=3, interpret=INTERPRET)
+    assert MosaicConfig(stages=3).stages == 3
+
+
 def test_pallas_chooses_mosaic_where_it_covers_the_call():
     hopper = dict(interpret=False, capability="9.0", sm_count=132)
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, **hopper) == "mosaic"  # 256 programs

@@ -29,7 +29,8 @@ class MosaicConfig:
     rows_per_program: rows (pieces of sequences) one program sweeps in turn, for grids of many
       short programs.
     state_split: with pieces, the first kernel (which reads k and v only) cuts each piece into up
-      to this many sub-pieces, so it runs more programs than the output pass. None: `launch_plan`.
+      to this many sub-pieces, so it runs more programs than the output pass. None:
+      `choose_state_split`.
     gradients: the `TritonConfig` of the Triton backward (None: its defaults); setting it with
       `backward=None` runs the Triton backward.
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes),
@@ -49,6 +50,11 @@ class MosaicConfig:
         checks.check_choice("MosaicConfig.stages", self.stages, (None, 1, 2, 3))
         checks.check_choice("MosaicConfig.backward", self.backward, (None, "triton", "mosaic"))
         checks.check_bool("MosaicConfig.warp_specialized", self.warp_specialized)
+        if self.stages == 3 and not self.warp_specialized:
+            raise checks.ArgumentError(
+                "MosaicConfig.stages", "got 3 with warp_specialized=False, expected 1 or 2 (one warpgroup loads one "
+                "block ahead) or warp_specialized=True"
+            )
         for name in ("pieces", "rows_per_program", "state_split"):
             if getattr(self, name) is not None:
                 checks.check_int(f"MosaicConfig.{name}", getattr(self, name), minimum=1)

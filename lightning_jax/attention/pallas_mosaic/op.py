@@ -114,7 +114,8 @@ def lightning_attention_mosaic(
         _check_segments(config, v.shape[-1], stages_limit, interpret)
     batch, time, heads, _ = q.shape
     # Without a GPU (cross-lowering, interpret mode) gpu_facts() plans for an H100/H200.
-    pieces, rows = launch_plan(batch, time, heads, v.shape[-1], gpu_facts().sm_count)
+    dim_v, sm_count = v.shape[-1], gpu_facts().sm_count
+    pieces, rows = launch_plan(batch, time, heads, dim_v, sm_count)
     pieces = config.pieces or pieces
     if segment_ids is not None:  # the kernels take documents whole sequences at a time, both ways
         pieces, backward_kind = 1, "mosaic"
@@ -123,8 +124,7 @@ def lightning_attention_mosaic(
     elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
         backward_kind = "triton"
     else:
-        backward_kind = choose_backward(pieces, v.shape[-1], config.stages or 2)
-    dim_v, sm_count = v.shape[-1], gpu_facts().sm_count
+        backward_kind = choose_backward(pieces, dim_v, config.stages or 2)
     settings = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
