@@ -31,7 +31,7 @@ import jax.numpy as jnp
 sys.path.insert(0, "benchmarks")
 from attention import FAMILY_A, chunked_reference, copy_bandwidth, jax_variants, log, rel_err, time_jax  # noqa: E402
 
-from lightning_jax.attention import lightning_attention, reference  # noqa: E402
+from lightning_jax.attention import MosaicConfig, lightning_attention, reference  # noqa: E402
 from lightning_jax.attention.pallas import choose_backend  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import backward, forward  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
@@ -60,6 +60,9 @@ SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128)
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
 # packed documents through "pallas_mosaic", forward and gradients: (batch, time, heads, dim, document starts)
 SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2048, 2049))]
+# the Mosaic forward and backward with three stages (the backward's sweeps run two by default), 4 and
+# 16 pieces, through "pallas_mosaic": (batch, time, heads, dim, no documents)
+STAGE3_GRADIENT_CHECKS = [(2, 1000, 4, 128, ()), (1, 4096, 2, 64, ())]
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
 # the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
 # K^T diag(kdec) from registers (update_in_registers); three warpgroups only
@@ -100,9 +103,10 @@ def check_op(shape):
     return rel_err(o, want_o), rel_err(final, want_final)
 
 
-def check_segments(case):
-    """pallas_mosaic with segment ids (the Mosaic forward and backward) against the fp32 quadratic
-    form with the same documents: o, final state and the four gradients; the worst relative error."""
+def check_gradients(case, config=None):
+    """pallas_mosaic (the Mosaic forward and backward; `config` a MosaicConfig) against the fp32
+    quadratic form: o, final state and the four gradients, relative errors. Documents start at the
+    positions in case[4] (segment ids), none when it is empty."""
     batch, time, heads, dim, cuts = case
     keys = jax.random.split(jax.random.PRNGKey(time), 6)
     q, k, v, d_o = (jax.random.normal(key, (batch, time, heads, dim), jnp.bfloat16) for key in keys[:4])
@@ -110,6 +114,7 @@ def check_segments(case):
     seg = jnp.zeros((batch, time), jnp.int32)
     for c in cuts:
         seg = seg.at[:, c:].add(1)
+    seg = seg if cuts else None
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32).at[0].set(0.0)
 
     def grads(fn, *args):
@@ -117,7 +122,8 @@ def check_segments(case):
         return (o, final, *vjp((d_o.astype(o.dtype), d_final)))
 
     ours = jax.jit(lambda q, k, v, s: grads(lambda q, k, v, s: lightning_attention(
-        q, k, v, rates, initial_state=s, return_final_state=True, segment_ids=seg, implementation="pallas_mosaic"),
+        q, k, v, rates, initial_state=s, return_final_state=True, segment_ids=seg, implementation="pallas_mosaic",
+        config=config),
         q, k, v, s))(q, k, v, s0)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     want = jax.jit(lambda q, k, v, s: grads(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, segment_ids=seg),
@@ -189,13 +195,15 @@ def main():
         err_o, err_s = check_op(shape)
         results["checks"].append(dict(op_shape=list(shape), err_o=err_o, err_state=err_s, ok=max(err_o, err_s) < 1e-2))
         log("check", results["checks"][-1])
-    for case in [] if args.skip_check else SEGMENT_CHECKS:  # packed documents
+    gradient_cases = [("segments", case, None) for case in SEGMENT_CHECKS]  # packed documents
+    gradient_cases += [("stages3", case, MosaicConfig(stages=3, backward="mosaic")) for case in STAGE3_GRADIENT_CHECKS]
+    for kind, case, config in [] if args.skip_check else gradient_cases:
         try:
-            errs = check_segments(case)
-            results["checks"].append(dict(segments=list(case[:4]), starts=list(case[4]), **errs,
-                                          ok=max(errs.values()) < 1e-2))
+            errs = check_gradients(case, config)
+            results["checks"].append({kind: list(case[:4]), "starts": list(case[4]), **errs,
+                                      "ok": max(errs.values()) < 1e-2})
         except Exception as e:  # noqa: BLE001
-            results["checks"].append(dict(segments=list(case[:4]), error=repr(e)[:500]))
+            results["checks"].append({kind: list(case[:4]), "error": repr(e)[:500]})
         log("check", results["checks"][-1])
     results["bandwidth"] = copy_bandwidth()
     for shape in shapes:
