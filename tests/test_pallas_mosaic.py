@@ -366,16 +366,18 @@ def test_op_passes_its_choices_to_the_kernels(monkeypatch):
         kernel = getattr(mosaic_op, name)
         monkeypatch.setattr(mosaic_op, name, lambda *a, _k=kernel, _n=name, **kw: (seen.append((_n, kw)), _k(*a, **kw))[1])
 
-    def trace(shape, config=None):
+    def trace(shape, config=None, lower=False):
         seen.clear()
         q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
         rates = jnp.zeros((shape[2],))
         op = lambda q: lightning_attention(q, q, q, rates, implementation="pallas_mosaic", interpret=False,
                                            config=config).astype(jnp.float32).sum()
-        jax.jit(jax.grad(op)).trace(q)
+        traced = jax.jit(jax.grad(op)).trace(q)
+        if lower:  # the three-stage forward and the two-stage sweeps lower for sm_90 together
+            assert traced.lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 4
         return {name: (kw["stages"], kw["pieces"], kw["state_split"]) for name, kw in seen}
 
-    assert trace((1, 256, 128, 64)) == {"forward": (3, 1, 1), "backward": (2, 1, 1)}  # 128 programs
+    assert trace((1, 256, 128, 64), lower=True) == {"forward": (3, 1, 1), "backward": (2, 1, 1)}  # 128 programs
     assert trace((1, 256, 128, 64), MosaicConfig(stages=2)) == {"forward": (2, 1, 1), "backward": (2, 1, 1)}
     assert trace((1, 256, 128, 64), MosaicConfig(stages=1)) == {"forward": (1, 1, 1), "backward": (1, 1, 1)}
     assert trace((1, 4096, 16, 64), MosaicConfig(backward="mosaic")) == {  # 16 programs: 8 pieces
@@ -517,7 +519,8 @@ def _lower(time, dim_k, dim_v, initial_state, **kw):
      (500, 192, 64, True, dict(warp_specialized=True, stages=1, update_in_registers=True, reverse=True)),
      (4096, 128, 128, True, dict(warp_specialized=True, pieces=4, state_split=4, reverse=True)),
      (4096, 128, 128, True, dict(warp_specialized=True, stages=3)),
-     (1000, 128, 64, False, dict(warp_specialized=True, stages=3, rows_per_program=2, chunk=256))],
+     (1000, 128, 64, False, dict(warp_specialized=True, stages=3, rows_per_program=2, chunk=256)),
+     (777, 64, 256, True, dict(warp_specialized=True, stages=3, pieces=2, state_split=2))],
 )
 def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
     """Layout inference, the Mosaic GPU dialect lowering and the shared-memory check run on a CPU
