@@ -54,6 +54,16 @@ CHECK_DIMS = (64, 128, 192, 256)
 CHECK_RATES = (0.0, 8.0, 0.5, 2.0**-8)  # 0 (no decay) and 8 (decay ~3e-4 per token) included
 SAVE = lambda: None  # set by main: write the JSON after every row, so a killed run keeps its results
 SKIP: set[str] = set()  # variants not to time (--skip)
+DEADLINE: float | None = None  # time.monotonic() after which no new row starts (--deadline)
+
+
+def past_deadline(what: str) -> bool:
+    """True (and says so) once --deadline has passed: the sections stop starting rows, and the
+    run still prints its tables and keeps its JSON."""
+    if DEADLINE is None or time.monotonic() < DEADLINE:
+        return False
+    log(f"--deadline reached: skipping {what}")
+    return True
 TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-3}
 
 
@@ -191,6 +201,8 @@ def section_check(results, which="full", first=0, shard=(0, 1)):
     for i, (t, d, dtype) in enumerate(cases):
         if i < first or i % count != index:
             continue
+        if past_deadline(f"check case {i} and after (--check-start {i} resumes)"):
+            break
         name = jnp.dtype(dtype).name
         try:
             start = time.perf_counter()
@@ -441,6 +453,8 @@ def time_segments(shape, documents: int, implementation: str = "pallas"):
 def section_segments(results, shapes, documents, implementation="pallas"):
     out = results["segments"] = []
     for shape in shapes:
+        if past_deadline(f"segments from {shape} on"):
+            break
         out.append(time_segments(shape, documents, implementation))
         SAVE()
 
@@ -448,6 +462,8 @@ def section_segments(results, shapes, documents, implementation="pallas"):
 def section_family(results, key, shapes, bandwidth, peers):
     out = results[key] = []
     for shape in shapes:
+        if past_deadline(f"{key} from {shape} on"):
+            break
         out.append(time_shape(shape, bandwidth, peers))
         SAVE()
 
@@ -532,12 +548,20 @@ def main():
     parser.add_argument("--shapes", default=None,
                         help="shapes of family_b and segments, e.g. 8x2048x32x256,8x1024x8x64 (default: all of "
                              "family_b; family_a's for segments)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after start from which no new shape or check case starts; the run then "
+                             "prints its tables (for machines that stop a command at a time limit)")
     parser.add_argument("--segments", type=int, default=4,
                         help="segments section: equal documents per row (default 4)")
     parser.add_argument("--segments-implementation", default="pallas",
                         help="segments section: the implementation timed (default pallas; pallas_mosaic for the "
                              "Mosaic kernels with documents)")
     args = parser.parse_args()
+    global DEADLINE
+    if args.deadline is not None:
+        if args.deadline <= 0:
+            parser.error(f"--deadline: got {args.deadline}, expected seconds > 0")
+        DEADLINE = time.monotonic() + args.deadline
     family_b = FAMILY_B
     if args.segments < 1:
         parser.error(f"--segments: got {args.segments}, expected >= 1")

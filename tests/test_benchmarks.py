@@ -70,6 +70,25 @@ def test_segments_section_runs_on_cpu(monkeypatch, capsys):
     assert "3 documents per row" in capsys.readouterr().out
 
 
+def test_deadline_stops_new_rows(monkeypatch, capsys):
+    # --deadline: once passed, no new shape or check case starts (the machine's time limit would
+    # otherwise cut the run before its tables); before it, rows run as usual.
+    import time
+
+    monkeypatch.setattr(bench, "SAVE", lambda: None)
+    monkeypatch.setattr(bench, "time_shape", lambda shape, bandwidth, peers: {"shape": list(shape)})
+    results = {}
+    monkeypatch.setattr(bench, "DEADLINE", time.monotonic() + 3600)
+    bench.section_family(results, "family_b", [(1, 64, 1, 64), (2, 64, 1, 64)], 1e12, False)
+    assert len(results["family_b"]) == 2
+    monkeypatch.setattr(bench, "DEADLINE", time.monotonic() - 1)
+    bench.section_family(results, "family_b", [(1, 64, 1, 64), (2, 64, 1, 64)], 1e12, False)
+    bench.section_check(results, "1x64:float32")
+    assert results["family_b"] == [] and "check" not in results
+    out = capsys.readouterr().out
+    assert "skipping family_b from (1, 64, 1, 64) on" in out and "--check-start 0 resumes" in out
+
+
 def test_generation_speed_tiny_runs_every_cell(tmp_path):
     # benchmarks/generation_speed.py --tiny end to end (both models, TNL's chunked prefill, the
     # fp32-parameter and unscanned variants; generate() checked against the timed programs), in
