@@ -28,40 +28,39 @@ from lightning_jax.attention.pallas_triton.op import _attention_fwd as _triton_f
 from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
 
 
-def _forward_settings(settings):
-    """The kernels' options for the forward (settings also carry the backward sweeps' stages)."""
-    return {name: value for name, value in settings if name != "backward_stages"}
+# `forward_settings`, `backward_settings`: the kernels' keyword options for each direction, as tuples of
+# (name, value) pairs (hashable, for the custom_vjp's static arguments). `backward_settings` is None
+# with the Triton backward, which `plan` describes.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(settings, plan, q, k, v, rates, s_in, segment_ids):
-    return forward(q, k, v, rates, s_in, segment_ids, **_forward_settings(settings))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(forward_settings, backward_settings, plan, q, k, v, rates, s_in, segment_ids):
+    return forward(q, k, v, rates, s_in, segment_ids, **dict(forward_settings))
 
 
-def _attention_fwd(settings, plan, q, k, v, rates, s_in, segment_ids):
+def _attention_fwd(forward_settings, backward_settings, plan, q, k, v, rates, s_in, segment_ids):
     if plan is None:  # the Mosaic backward: it needs the inputs only
-        o_final = forward(q, k, v, rates, s_in, segment_ids, **_forward_settings(settings))
+        o_final = forward(q, k, v, rates, s_in, segment_ids, **dict(forward_settings))
         return o_final, (q, k, v, rates, s_in, segment_ids)
     # The Triton backward (no segment ids: the op sends those to the Mosaic backward).
     if plan.chunk % MOSAIC_BLOCK:
         return _triton_fwd(plan, q, k, v, rates, s_in)
     if plan.num_chunks == 1 and s_in is None:  # the Triton backward starts from a zero state
-        o, final = forward(q, k, v, rates, s_in, **_forward_settings(settings))
+        o, final = forward(q, k, v, rates, s_in, **dict(forward_settings))
         r = None
     else:
-        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **_forward_settings(settings))
+        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **dict(forward_settings))
         # [batch, heads, N, dim_k, dim_v] -> the Triton layout [batch * heads, N, dk_pad, dv_pad].
         r = states.reshape(plan.batch * plan.heads, plan.num_chunks, plan.dim_k, plan.dim_v)
         r = jnp.pad(r, ((0, 0), (0, 0), (0, plan.dk_pad - plan.dim_k), (0, plan.dv_pad - plan.dim_v)))
     return (o, final), (q, k, v, rates, r, s_in)
 
 
-def _attention_bwd(settings, plan, residuals, cotangents):
+def _attention_bwd(forward_settings, backward_settings, plan, residuals, cotangents):
     if plan is None:
         q, k, v, rates, s_in, segment_ids = residuals
         d_o, d_final = cotangents
-        options = _forward_settings(settings) | {"stages": dict(settings)["backward_stages"]}
-        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, segment_ids, **options)
+        dq, dk, dv, d_s_in = backward(q, k, v, rates, s_in, d_o, d_final, segment_ids, **dict(backward_settings))
         # The API refuses to differentiate rates (api.lightning_attention), so zero is never used wrongly.
         return dq, dk, dv, jnp.zeros_like(rates), d_s_in, None
     return (*_triton_bwd(plan, residuals, cotangents), None)
@@ -125,24 +124,25 @@ def lightning_attention_mosaic(
         backward_kind = "triton"
     else:
         backward_kind = choose_backward(pieces, dim_v, config.stages or 2)
-    settings = (
+    shared = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
-        ("stages", config.stages or choose_stages(pieces, q.shape[-1], not interpret, config.warp_specialized)),
-        ("backward_stages", config.stages or 2),
         ("warp_specialized", config.warp_specialized),
         ("pieces", pieces),
         ("rows_per_program", config.rows_per_program or rows),
         ("state_split", config.state_split or choose_state_split(batch, heads, dim_v, pieces, sm_count)),
         ("interpret", interpret),
     )
-    plan = None  # the Mosaic backward (three interpreted kernels in one program could deadlock on a CPU)
-    if backward_kind == "triton" or interpret:
+    forward_stages = config.stages or choose_stages(pieces, q.shape[-1], not interpret, config.warp_specialized)
+    forward_settings = (*shared, ("stages", forward_stages))
+    backward_settings, plan = (*shared, ("stages", config.stages or 2)), None
+    if backward_kind == "triton" or interpret:  # (three interpreted Mosaic kernels in one program could deadlock)
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
+        backward_settings = None
     rates = lax.optimization_barrier(rates.astype(jnp.float32))
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    return _attention(settings, plan, q, k, v, rates, initial_state, segment_ids)
+    return _attention(forward_settings, backward_settings, plan, q, k, v, rates, initial_state, segment_ids)
 
 
 def _check_segments(config, dim_v, stages_limit, interpret):
