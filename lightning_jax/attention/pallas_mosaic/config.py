@@ -22,7 +22,7 @@ class MosaicConfig:
 
     stages: q, k, v blocks in flight (1, 2 or 3) in the forward and the Mosaic backward's sweeps;
       2 and 3 need dim_k <= 128 (3: warp specialisation, compiled for the GPU, where the operands
-      from registers free the staging buffers). None: `choose_stages`.
+      from registers free the staging buffers). None: `choose_stages`, for each direction.
     warp_specialized: three warpgroups (memory, state, output) instead of one.
     pieces: programs per sequence (the sequence cut into pieces whose start states a first kernel
       and a scan provide), for grids that do not fill the GPU.
@@ -71,16 +71,20 @@ def dim_limit(stages: int) -> int:
     return 192 if stages == 1 else 128
 
 
-def choose_stages(pieces: int, dim_k: int, compiled: bool, warp_specialized: bool) -> int:
-    """The forward's stages when `MosaicConfig.stages` is None (the backward's sweeps keep 2): 3
-    where the three-warpgroup kernel runs whole sequences compiled (its operands from registers
-    leave room for a third q, k, v block), 2 otherwise.
+def choose_stages(pieces: int, dim: int, compiled: bool, warp_specialized: bool) -> int:
+    """Stages for the forward, or for the Mosaic backward's sweeps, when `MosaicConfig.stages` is
+    None: 3 where the three-warpgroup kernels run whole sequences compiled (their operands from
+    registers leave room for a third q, k, v block), 2 otherwise. `dim` is the largest dim the
+    kernels stage: dim_k for the forward, max(dim_k, dim_v) for the backward (its dQ sweep reads
+    dO and v in the roles of q and k).
 
-    Measured on an H200 (forward, docs/kernels.md): 3 stages 0.349 against 0.371 ms at
+    Measured on an H200 (docs/kernels.md), 3 stages against 2: the forward 0.349 against 0.371 ms at
     4 x 16,384 x 16 x 128, 0.354 against 0.366 at 16 x 4,096 (4 rows a program), 0.361 against
     0.374 at 64 x 1,024 (16 rows; within that run's spread); with pieces mixed (1 x 65,536 x 16:
-    0.557 against 0.514)."""
-    return 3 if pieces == 1 and dim_k <= dim_limit(3) and compiled and warp_specialized else 2
+    0.557 against 0.514), so pieces keep 2. The backward's three sweeps 0.979 against 1.031 ms at
+    4 x 16,384, 1.017 against 1.061 at 64 x 1,024 (16 rows), 0.904 against 0.934 at
+    1 x 8,192 x 96."""
+    return 3 if pieces == 1 and dim <= dim_limit(3) and compiled and warp_specialized else 2
 
 
 def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) -> tuple[int, int]:

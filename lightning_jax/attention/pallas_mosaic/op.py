@@ -133,9 +133,11 @@ def lightning_attention_mosaic(
         ("state_split", config.state_split or choose_state_split(batch, heads, dim_v, pieces, sm_count)),
         ("interpret", interpret),
     )
-    forward_stages = config.stages or choose_stages(pieces, q.shape[-1], not interpret, config.warp_specialized)
-    forward_settings = (*shared, ("stages", forward_stages))
-    backward_settings, plan = (*shared, ("stages", config.stages or 2)), None
+    def stages(dim):
+        return config.stages or choose_stages(pieces, dim, not interpret, config.warp_specialized)
+
+    forward_settings = (*shared, ("stages", stages(q.shape[-1])))
+    backward_settings, plan = (*shared, ("stages", stages(max(q.shape[-1], dim_v)))), None
     if backward_kind == "triton" or interpret:  # (three interpreted Mosaic kernels in one program could deadlock)
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
         backward_settings = None
