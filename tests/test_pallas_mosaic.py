@@ -329,9 +329,13 @@ def test_segments_refuse_pieces_and_chunk_states():
 
 
 def test_launch_plan():
-    """About one program per SM: pieces when programs are few, rows per program when many; always
-    a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x pieces."""
+    """About one program per SM: pieces below half the SMs, whole sequences from there, rows per
+    program when many; always a power-of-two piece count, >= 4 blocks per piece, and rows dividing
+    batch x pieces."""
     assert launch_plan(1, 65536, 16, 128, 132) == (4, 1)  # 32 programs
+    assert launch_plan(1, 16384, 16, 128, 132) == (4, 1)  # 32 programs
+    assert launch_plan(2, 16384, 16, 128, 132) == (1, 1)  # 64 programs: half the SMs, whole sequences
+    assert launch_plan(1, 16384, 29, 128, 132) == (2, 1)  # 58 programs: just below half
     assert launch_plan(64, 1024, 16, 128, 132) == (1, 16)  # 2,048 programs
     assert launch_plan(4, 16384, 16, 128, 132) == (1, 1)  # 128 programs: full
     assert launch_plan(1, 100, 1, 64, 132) == (1, 1)  # 2 blocks: too short to cut
@@ -481,7 +485,10 @@ def test_pallas_chooses_mosaic_where_it_covers_the_call():
     hopper = dict(interpret=False, capability="9.0", sm_count=132)
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, **hopper) == "mosaic"  # 256 programs
     assert choose_backend((16, 4096, 8, 64), 64, jnp.float16, block_size=64, **hopper) == "mosaic"  # 128
-    assert choose_backend((2, 16384, 16, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 64 programs
+    assert choose_backend((2, 16384, 16, 128), 128, jnp.bfloat16, **hopper) == "mosaic"  # 64 programs: half
+    assert choose_backend((1, 16384, 29, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 58: pieces
+    assert choose_backend((1, 16384, 16, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 32
+    assert choose_backend((2, 16384, 16, 128), 128, jnp.bfloat16, segments=True, **hopper) == "triton"  # not full
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=False, capability="8.0",
                           sm_count=108) == "triton"
     assert choose_backend((2, 4096, 64, 128), 128, jnp.float32, **hopper) == "triton"
@@ -529,13 +536,17 @@ def test_cross_lowers_for_sm90(time, dim_k, dim_v, initial_state, kw):
 
 
 def test_choose_backward():
-    """The Mosaic backward without pieces and with dim_v in its limit; Triton otherwise."""
-    assert choose_backward(1, 128, 2) == "mosaic"
-    assert choose_backward(1, 64, 2) == "mosaic"
-    assert choose_backward(4, 128, 2) == "triton"  # pieces: the reverse sweeps read everything twice
-    assert choose_backward(1, 256, 2) == "triton"  # dim_v past the sweeps' shared memory
-    assert choose_backward(1, 192, 1) == "mosaic"
-    assert choose_backward(1, 256, 1) == "triton"
+    """The Mosaic backward without pieces, with dim_v in its limit, and on a full grid or short rows;
+    Triton otherwise."""
+    args = dict(stages=2, sm_count=132)
+    assert choose_backward(4, 16384, 16, 128, 1, **args) == "mosaic"  # 128 programs: full
+    assert choose_backward(8, 4096, 16, 64, 1, **args) == "mosaic"
+    assert choose_backward(1, 65536, 16, 128, 4, **args) == "triton"  # pieces: the reverse sweeps read twice
+    assert choose_backward(4, 16384, 16, 256, 1, **args) == "triton"  # dim_v past the sweeps' shared memory
+    assert choose_backward(4, 16384, 16, 192, 1, stages=1, sm_count=132) == "mosaic"
+    assert choose_backward(4, 16384, 16, 256, 1, stages=1, sm_count=132) == "triton"
+    assert choose_backward(2, 2048, 16, 128, 1, **args) == "mosaic"  # 64 programs, 32 blocks: short rows
+    assert choose_backward(2, 2049, 16, 128, 1, **args) == "triton"  # 33 blocks on a half-filled grid
 
 
 def _gradient_text(config, time=256):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import jax
 
-from lightning_jax.attention.pallas_mosaic.config import dim_limit
+from lightning_jax.attention.pallas_mosaic.config import FULL_GRID, HALF_GRID, dim_limit
 from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 
 # The Mosaic forward's limits: Hopper's wgmma and TMA, 16-bit operands, dim_k that fits two stages
 # of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
 MOSAIC_CAPABILITIES = ("9.0",)
 MOSAIC_MAX_DIM_K = dim_limit(stages=2)
-FULL_GRID = 0.9  # programs per SM from which the Mosaic forward needs no pieces (launch_plan)
 
 
 def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_size: int | None = None,
@@ -28,11 +27,14 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
     `capability` is the GPU's compute capability ("9.0" for an H100/H200) and `sm_count` its number
     of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
     in interpret mode (the Mosaic interpreter is far slower), a block size other than the Mosaic
-    forward's 64, 32-bit operands, dim_k > 128, packed documents (`segments`) with dim_v > 128
-    (they need the Mosaic backward), and calls with fewer (batch x head x 64-wide value tile)
-    programs than about one per SM. There the Mosaic forward has to cut sequences into pieces and
-    read k and v twice, and measured slower on an H200 (docs/kernels.md): 2 x 16,384 x 16 heads
-    0.35 ms against Triton's 0.28."""
+    forward's 64, 32-bit operands, dim_k > 128, and calls with fewer (batch x head x 64-wide value
+    tile) programs than about half the SMs (`HALF_GRID`): there the Mosaic forward has to cut
+    sequences into pieces and read k and v twice, and measured slower on an H200 (docs/kernels.md):
+    1 x 16,384 x 16 heads (32 programs) 0.169 ms against Triton's 0.161. From half the SMs it runs
+    whole sequences and wins the forward (64 programs: 0.268 against 0.284 ms at 2 x 16,384 x 16,
+    0.045 against 0.062 at 2 x 2,048); `pallas_mosaic.config.choose_backward` picks the backward.
+    Packed documents (`segments`) run Mosaic both ways, so they take it with dim_v <= 128 and a
+    full grid (`FULL_GRID`, about one program per SM) only."""
     if interpret or (interpret is None and jax.default_backend() != "gpu"):
         return "triton"
     if capability is None or sm_count is None:
@@ -47,9 +49,9 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2
         and dim_k <= MOSAIC_MAX_DIM_K
-        and (not segments or dim_v <= MOSAIC_MAX_DIM_K)
+        and (not segments or (dim_v <= MOSAIC_MAX_DIM_K and programs >= FULL_GRID * sm_count))
         and block_size in (None, 64)
-        and programs >= FULL_GRID * sm_count
+        and programs >= HALF_GRID * sm_count
     )
     return "mosaic" if covered else "triton"
 

@@ -13,6 +13,13 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig
 
 # Tokens per block: wgmma's M. Larger blocks need more shared memory than the three-warpgroup kernel has.
 MOSAIC_BLOCK = 64
+# Programs (batch x heads x 64-wide value tiles) per SM: from FULL_GRID the grid counts as full (128
+# programs on 132 SMs); below HALF_GRID the forward cuts sequences into pieces, from it up it runs
+# whole sequences (launch_plan). SHORT_BLOCKS: rows of at most this many blocks take the Mosaic
+# backward on a grid that is not full (choose_backward). Measured on an H200, docs/kernels.md.
+FULL_GRID = 0.9
+HALF_GRID = 0.45
+SHORT_BLOCKS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +97,17 @@ def choose_stages(pieces: int, dim: int, compiled: bool, warp_specialized: bool)
 def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) -> tuple[int, int]:
     """(pieces, rows_per_program) for a call: about one program per SM (one fits at a time).
 
-    Measured on an H200 (132 SMs; docs/kernels.md): with fewer programs than SMs, cutting each
-    sequence into pieces wins (1 x 65,536 x 16 heads: 32 programs; 4 pieces 0.56 ms, 8 pieces
-    0.62, none 1.24); with many programs of short sequences, one program sweeping several rows wins
+    Measured on an H200 (132 SMs; docs/kernels.md): with fewer programs than half the SMs, cutting
+    each sequence into pieces wins (1 x 65,536 x 16 heads: 32 programs; 4 pieces 0.56 ms, 8 pieces
+    0.62, none 1.24); with half the SMs or more, whole sequences win even though some SMs idle (64
+    programs: 0.268 against 0.313 ms with 2 pieces at 2 x 16,384 x 16, 0.045 against 0.058 at
+    2 x 2,048); with many programs of short sequences, one program sweeping several rows wins
     (64 x 1,024 x 16: 2,048 programs; 16 rows each 0.38 ms, one 0.47)."""
     programs = batch * heads * -(-dim_v // 64)
     blocks = -(-time // MOSAIC_BLOCK)
-    full = 0.9 * sm_count  # 128 programs on 132 SMs count as full (4 x 16,384 x 16: pieces lose)
+    full = FULL_GRID * sm_count
     pieces = 1
-    if programs < full:
+    if programs < HALF_GRID * sm_count:
         pieces = 1 << ((sm_count // programs).bit_length() - 1)  # a power of two <= the ratio
         pieces = max(1, min(pieces, blocks // 4))  # at least 4 blocks per piece
     rows = batch * pieces
@@ -118,12 +127,20 @@ def choose_state_split(batch: int, heads: int, dim_v: int, pieces: int, sm_count
     return max(1, 2 * sm_count // programs) if pieces > 1 else 1
 
 
-def choose_backward(pieces: int, dim_v: int, stages: int) -> str:
+def choose_backward(batch: int, time: int, heads: int, dim_v: int, pieces: int, stages: int, sm_count: int) -> str:
     """The backward a call runs when `MosaicConfig.backward` is None: the Mosaic one where the
-    forward runs whole sequences (no pieces) and dim_v fits its sweeps, Triton otherwise.
+    forward runs whole sequences (no pieces), dim_v fits its sweeps, and either the grid is full
+    (`FULL_GRID`) or the rows are short (`SHORT_BLOCKS`); Triton otherwise (the Mosaic forward then
+    writes the chunk states the Triton backward reads).
 
-    Measured on an H200 (forward + backward, docs/kernels.md "The Mosaic backward"): without pieces
+    Measured on an H200 (forward + backward, docs/kernels.md "The Mosaic backward"): on a full grid
     the Mosaic backward is 1.03-1.21x faster at four of six shapes (4 x 16,384 x 16 x 128: 1.52
     against 1.69 ms) and 0.99x at the other two; with pieces it loses (1 x 65,536 x 16 x 128: 2.26
-    against 1.89 ms all-Triton), its reverse sweeps reading k, v, q and dO twice."""
-    return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) else "triton"
+    against 1.89 ms all-Triton), its reverse sweeps reading k, v, q and dO twice. On a half-filled
+    grid (64 programs) it wins with rows of 16-32 blocks (2 x 2,048 x 16 x 128: 0.160 against 0.173
+    ms all-Triton) and loses with longer ones (2 x 4,096: 0.295 against 0.283; 2 x 16,384: 1.079
+    against 0.967): each program's three sweeps take the whole row's time."""
+    programs = batch * heads * -(-dim_v // 64)
+    blocks = -(-time // MOSAIC_BLOCK)
+    grid_ok = programs >= FULL_GRID * sm_count or blocks <= SHORT_BLOCKS
+    return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) and grid_ok else "triton"

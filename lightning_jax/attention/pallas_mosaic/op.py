@@ -123,7 +123,7 @@ def lightning_attention_mosaic(
     elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
         backward_kind = "triton"
     else:
-        backward_kind = choose_backward(pieces, dim_v, config.stages or 2)
+        backward_kind = choose_backward(batch, time, heads, dim_v, pieces, config.stages or 2, sm_count)
     shared = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
