@@ -89,6 +89,27 @@ def test_deadline_stops_new_rows(monkeypatch, capsys):
     assert "skipping family_b from (1, 64, 1, 64) on" in out and "--check-start 0 resumes" in out
 
 
+def test_few_programs_script_runs_on_cpu(monkeypatch, capsys):
+    # benchmarks/few_programs.py at a tiny shape (interpret mode), each call run once instead of
+    # timed: the Mosaic variants (whole sequences and the op's own plan) and Triton, both ways.
+    import few_programs
+
+    ran = []
+    monkeypatch.setattr(few_programs, "time_jax",
+                        lambda fn, sets: ran.append(jax.block_until_ready(fn(*sets[0]))) or 1e-3)
+    monkeypatch.setattr(sys, "argv", ["few_programs.py", "--shapes", "1x128x2x64",
+                                      "--variants", "pallas_triton,mosaic_whole,mosaic_pieces"])
+    few_programs.main()
+    assert len(ran) == 6  # three variants, forward and forward + backward
+    o = [np.asarray(r if not isinstance(r, tuple) else r[0], np.float32) for r in ran[::2]]
+    for other in o[1:]:  # the Mosaic variants against Triton: bf16 outputs (and a bf16 state in Mosaic's)
+        assert np.linalg.norm(other - o[0]) / np.linalg.norm(o[0]) < 1e-2
+    assert "1x128x2x64 | 2 | 1.0000 / 1.0000 | 1.0000 / 1.0000 | 1.0000 / 1.0000" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--variants: got 'nope'"):
+        monkeypatch.setattr(sys, "argv", ["few_programs.py", "--variants", "nope"])
+        few_programs.main()
+
+
 def test_generation_speed_tiny_runs_every_cell(tmp_path):
     # benchmarks/generation_speed.py --tiny end to end (both models, TNL's chunked prefill, the
     # fp32-parameter and unscanned variants; generate() checked against the timed programs), in
