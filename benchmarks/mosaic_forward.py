@@ -57,7 +57,8 @@ CHECKS = [  # (batch, time, heads, dim_k, dim_v, initial state, pieces, stages, 
 ]
 SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128), (4, 4096, 64, 128),
                      (8, 2048, 32, 256), (8, 1024, 8, 64)]
-OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256)]  # through lightning_attention("pallas")
+# through lightning_attention("pallas"); the last: 32 programs of long rows, the Mosaic forward with pieces
+OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256), (1, 65536, 16, 128)]
 # packed documents through "pallas_mosaic", forward and gradients: (batch, time, heads, dim, document starts)
 SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2048, 2049))]
 # the Mosaic forward and backward with three stages (the backward's sweeps run two by default), 4 and

@@ -18,6 +18,10 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 # of the three-warpgroup kernel in shared memory (docs/kernels.md, "Pallas Mosaic GPU").
 MOSAIC_CAPABILITIES = ("9.0",)
 MOSAIC_MAX_DIM_K = dim_limit(stages=2)
+# Below half the SMs the Mosaic forward cuts pieces (reading k and v twice); it still beats Triton's
+# forward from about a quarter of the SMs when rows are long (measured on an H200, docs/kernels.md).
+QUARTER_GRID = 0.24
+LONG_BLOCKS = 1024  # 65,536 tokens
 
 
 def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_size: int | None = None,
@@ -28,9 +32,12 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
     of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
     in interpret mode (the Mosaic interpreter is far slower), a block size other than the Mosaic
     forward's 64, 32-bit operands, dim_k > 128, and calls with fewer (batch x head x 64-wide value
-    tile) programs than about half the SMs (`HALF_GRID`): there the Mosaic forward has to cut
-    sequences into pieces and read k and v twice, and measured slower on an H200 (docs/kernels.md):
-    1 x 16,384 x 16 heads (32 programs) 0.169 ms against Triton's 0.161. From half the SMs it runs
+    tile) programs than about half the SMs (`HALF_GRID`), unless there are a quarter (`QUARTER_GRID`)
+    and rows of 65,536 tokens or more (`LONG_BLOCKS`). Below half the SMs the Mosaic forward cuts
+    sequences into pieces and reads k and v twice: measured on an H200 (docs/kernels.md) it loses
+    at 1 x 16,384 x 16 heads (32 programs; 0.169 ms against Triton's 0.161) and 1 x 65,536 x 8
+    (16; 0.313 against 0.286), ties at 1 x 32,768 x 16, and wins at 1 x 65,536 x 16 (0.506-0.514
+    against 0.542-0.545) and 1 x 131,072 x 16 (1.003 against 1.064). From half the SMs it runs
     whole sequences and wins the forward (64 programs: 0.268 against 0.284 ms at 2 x 16,384 x 16,
     0.045 against 0.062 at 2 x 2,048); `pallas_mosaic.config.choose_backward` picks the backward.
     Packed documents (`segments`) run Mosaic both ways, so they take it with dim_v <= 128 and a
@@ -43,15 +50,16 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
         facts = gpu_facts()
         capability = facts.capability if capability is None else capability
         sm_count = facts.sm_count if sm_count is None else sm_count
-    batch, _, heads, dim_k = q_shape
+    batch, time, heads, dim_k = q_shape
     programs = batch * heads * -(-dim_v // 64)
+    long_rows = programs >= QUARTER_GRID * sm_count and -(-time // 64) >= LONG_BLOCKS
     covered = (
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2
         and dim_k <= MOSAIC_MAX_DIM_K
         and (not segments or (dim_v <= MOSAIC_MAX_DIM_K and programs >= FULL_GRID * sm_count))
         and block_size in (None, 64)
-        and programs >= HALF_GRID * sm_count
+        and (programs >= HALF_GRID * sm_count or long_rows)
     )
     return "mosaic" if covered else "triton"
 
