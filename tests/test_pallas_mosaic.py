@@ -491,6 +491,7 @@ def test_pallas_chooses_mosaic_where_it_covers_the_call():
     assert choose_backend((1, 65536, 16, 128), 128, jnp.bfloat16, **hopper) == "mosaic"  # 32, long rows: pieces
     assert choose_backend((1, 65536 - 64, 16, 128), 128, jnp.bfloat16, **hopper) == "triton"  # one block short
     assert choose_backend((1, 131072, 8, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 16 programs
+    assert choose_backend((1, 65536, 24, 128), 128, jnp.bfloat16, **hopper) == "triton"  # 48: 2 pieces
     assert choose_backend((1, 65536, 16, 128), 128, jnp.bfloat16, segments=True, **hopper) == "triton"
     assert choose_backend((2, 16384, 16, 128), 128, jnp.bfloat16, segments=True, **hopper) == "triton"  # not full
     assert choose_backend((2, 4096, 64, 128), 128, jnp.bfloat16, interpret=False, capability="8.0",

@@ -19,7 +19,8 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 MOSAIC_CAPABILITIES = ("9.0",)
 MOSAIC_MAX_DIM_K = dim_limit(stages=2)
 # Below half the SMs the Mosaic forward cuts pieces (reading k and v twice); it still beats Triton's
-# forward from about a quarter of the SMs when rows are long (measured on an H200, docs/kernels.md).
+# forward with about a quarter of the SMs (4 pieces a row) and long rows (measured on an H200,
+# docs/kernels.md; 2 pieces lost at 16,384 tokens, 8 at 65,536).
 QUARTER_GRID = 0.24
 LONG_BLOCKS = 1024  # 65,536 tokens
 
@@ -32,8 +33,9 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
     of SMs; None reads them from the first device when the default backend is a GPU. Triton runs:
     in interpret mode (the Mosaic interpreter is far slower), a block size other than the Mosaic
     forward's 64, 32-bit operands, dim_k > 128, and calls with fewer (batch x head x 64-wide value
-    tile) programs than about half the SMs (`HALF_GRID`), unless there are a quarter (`QUARTER_GRID`)
-    and rows of 65,536 tokens or more (`LONG_BLOCKS`). Below half the SMs the Mosaic forward cuts
+    tile) programs than about half the SMs (`HALF_GRID`), unless there are about a quarter
+    (`QUARTER_GRID` up to a quarter: 32 or 33 on 132 SMs, which cut 4 pieces a row) and rows of
+    65,536 tokens or more (`LONG_BLOCKS`). Below half the SMs the Mosaic forward cuts
     sequences into pieces and reads k and v twice: measured on an H200 (docs/kernels.md) it loses
     at 1 x 16,384 x 16 heads (32 programs; 0.169 ms against Triton's 0.161) and 1 x 65,536 x 8
     (16; 0.313 against 0.286), ties at 1 x 32,768 x 16, and wins at 1 x 65,536 x 16 (0.506-0.514
@@ -52,7 +54,7 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
         sm_count = facts.sm_count if sm_count is None else sm_count
     batch, time, heads, dim_k = q_shape
     programs = batch * heads * -(-dim_v // 64)
-    long_rows = programs >= QUARTER_GRID * sm_count and -(-time // 64) >= LONG_BLOCKS
+    long_rows = QUARTER_GRID * sm_count <= programs <= sm_count // 4 and -(-time // 64) >= LONG_BLOCKS
     covered = (
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2

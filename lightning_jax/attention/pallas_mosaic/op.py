@@ -133,6 +133,7 @@ def lightning_attention_mosaic(
         ("state_split", config.state_split or choose_state_split(batch, heads, dim_v, pieces, sm_count)),
         ("interpret", interpret),
     )
+
     def stages(dim):
         return config.stages or choose_stages(pieces, dim, not interpret, config.warp_specialized)
 
