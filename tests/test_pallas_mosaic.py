@@ -386,6 +386,9 @@ def test_op_passes_its_choices_to_the_kernels(monkeypatch):
     assert trace((1, 256, 128, 64), MosaicConfig(stages=1)) == {"forward": (1, 1, 1), "backward": (1, 1, 1)}
     assert trace((1, 4096, 16, 64), MosaicConfig(backward="mosaic")) == {  # 16 programs: 8 pieces
         "forward": (2, 8, 2), "backward": (2, 8, 2)}
+    # Half the SMs (64 programs): whole sequences; the Mosaic backward with short rows only.
+    assert trace((2, 2048, 16, 128)) == {"forward": (3, 1, 1), "backward": (3, 1, 1)}  # 32 blocks
+    assert trace((2, 2112, 16, 128)) == {"forward": (3, 1, 1)}  # 33 blocks: the Triton backward
 
 
 def _op(q, k, v, rates, s_in, **kw):
