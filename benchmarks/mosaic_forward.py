@@ -61,7 +61,7 @@ SHAPES = FAMILY_A + [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128)
 OP_CHECKS = [(2, 3001, 16, 128), (1, 20000, 4, 64), (3, 500, 2, 256), (1, 65536, 16, 128)]
 # packed documents through "pallas_mosaic", forward and gradients: (batch, time, heads, dim, document starts)
 SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2048, 2049))]
-# the Mosaic forward and backward with three stages (the backward's sweeps run two by default), 4 and
+# the Mosaic forward and backward with three stages forced (the defaults take two with pieces), 4 and
 # 16 pieces, through "pallas_mosaic": (batch, time, heads, dim, no documents)
 STAGE3_GRADIENT_CHECKS = [(2, 1000, 4, 128, ()), (1, 4096, 2, 64, ())]
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
