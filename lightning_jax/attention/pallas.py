@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from lightning_jax.attention.pallas_mosaic.config import FULL_GRID, HALF_GRID, dim_limit
+from lightning_jax.attention.pallas_mosaic.config import FULL_GRID, HALF_GRID, dim_limit, grid_size
 from lightning_jax.attention.pallas_triton.config import TritonConfig, gpu_facts
 
 # The Mosaic forward's limits: Hopper's wgmma and TMA, 16-bit operands, dim_k that fits two stages
@@ -53,8 +53,8 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
         capability = facts.capability if capability is None else capability
         sm_count = facts.sm_count if sm_count is None else sm_count
     batch, time, heads, dim_k = q_shape
-    programs = batch * heads * -(-dim_v // 64)
-    long_rows = QUARTER_GRID * sm_count <= programs <= sm_count // 4 and -(-time // 64) >= LONG_BLOCKS
+    programs, blocks = grid_size(batch, time, heads, dim_v)
+    long_rows = QUARTER_GRID * sm_count <= programs <= sm_count // 4 and blocks >= LONG_BLOCKS
     covered = (
         capability in MOSAIC_CAPABILITIES
         and jax.numpy.dtype(dtype).itemsize == 2

@@ -22,6 +22,12 @@ HALF_GRID = 0.45
 SHORT_BLOCKS = 32
 
 
+def grid_size(batch: int, time: int, heads: int, dim_v: int) -> tuple[int, int]:
+    """(programs, blocks): the forward's programs without pieces (batch x heads x 64-wide value
+    tiles) and the blocks of MOSAIC_BLOCK tokens in each row."""
+    return batch * heads * -(-dim_v // 64), -(-time // MOSAIC_BLOCK)
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
     """Knobs of the Mosaic GPU forward (static; hashable). None means "choose from the shape"
@@ -103,8 +109,7 @@ def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) ->
     programs: 0.268 against 0.313 ms with 2 pieces at 2 x 16,384 x 16, 0.045 against 0.058 at
     2 x 2,048); with many programs of short sequences, one program sweeping several rows wins
     (64 x 1,024 x 16: 2,048 programs; 16 rows each 0.38 ms, one 0.47)."""
-    programs = batch * heads * -(-dim_v // 64)
-    blocks = -(-time // MOSAIC_BLOCK)
+    programs, blocks = grid_size(batch, time, heads, dim_v)
     full = FULL_GRID * sm_count
     pieces = 1
     if programs < HALF_GRID * sm_count:
@@ -140,7 +145,6 @@ def choose_backward(batch: int, time: int, heads: int, dim_v: int, pieces: int, 
     grid (64 programs) it wins with rows of 16-32 blocks (2 x 2,048 x 16 x 128: 0.160 against 0.173
     ms all-Triton) and loses with longer ones (2 x 4,096: 0.295 against 0.283; 2 x 16,384: 1.079
     against 0.967): each program's three sweeps take the whole row's time."""
-    programs = batch * heads * -(-dim_v // 64)
-    blocks = -(-time // MOSAIC_BLOCK)
+    programs, blocks = grid_size(batch, time, heads, dim_v)
     grid_ok = programs >= FULL_GRID * sm_count or blocks <= SHORT_BLOCKS
     return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) and grid_ok else "triton"
