@@ -22,6 +22,7 @@ from attention import jax_variants, log, time_jax  # noqa: E402
 from lightning_jax.attention import lightning_attention  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import kernels  # noqa: E402
 from lightning_jax.attention.pallas_mosaic.config import launch_plan  # noqa: E402
+from lightning_jax.attention.pallas_triton.config import gpu_facts  # noqa: E402
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 
 SHAPES = [(4, 2048, 16, 128), (64, 1024, 16, 128), (2, 2048, 16, 128)]
@@ -32,7 +33,7 @@ def time_shape(shape):
     rates = jnp.asarray(alibi_slopes(heads), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(1), 6)
     arg_sets = [tuple(jax.random.normal(keys[3 * s + i], shape, jnp.bfloat16) for i in range(3)) for s in range(2)]
-    _, rows = launch_plan(batch, time, heads, dim, 132)
+    _, rows = launch_plan(batch, time, heads, dim, gpu_facts().sm_count)
     options = dict(stages=3, warp_specialized=True, rows_per_program=rows)  # the op's forward without pieces
     barrier = jax.lax.optimization_barrier  # as the op: the tables are built at run time, not folded
     original = kernels.decay_tables
