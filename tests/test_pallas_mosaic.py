@@ -16,7 +16,8 @@ import pytest
 
 from lightning_jax.attention import MosaicConfig, TritonConfig, lightning_attention, reference
 from lightning_jax.attention.pallas import choose_backend
-from lightning_jax.attention.pallas_mosaic.config import choose_backward, choose_stages, choose_state_split, launch_plan
+from lightning_jax.attention.pallas_mosaic.config import (choose_backward, choose_stages, choose_state_split, launch_plan,
+                                                          tail_plan)
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 if not hasattr(plgpu, "InterpretGPUParams"):
@@ -243,6 +244,53 @@ def test_reverse_sweep_in_pieces_matches_one_piece(time, pieces, initial_state, 
     assert _rel_per_head(gp, g1, 1) < 1e-4  # fp32 sums in another order
 
 
+# A tail: the last heads in a second launch, cut into pieces, writing into the first launch's o.
+@pytest.mark.parametrize("time,tail_heads,tail_pieces,initial_state,kw", [
+    (330, 1, 2, True, dict(warp_specialized=True)),  # 6 blocks, a ragged last one: 2 pieces of 3
+    (260, 2, 4, False, {}),  # one warpgroup; pieces of 2 blocks, the last one padding only
+    (200, 2, 2, True, dict(warp_specialized=True, state_split=2)),  # the first kernel's sums in sub-pieces
+])
+def test_tail_matches_quadratic(time, tail_heads, tail_pieces, initial_state, kw):
+    """Every head's output and final state, the tail's and the others', match the quadratic form
+    (o is one buffer both launches write into)."""
+    q, k, v, s_in = _inputs(1, time, 3, 64, 64, seed=time + 1)
+    rates = jnp.array([0.3, 0.001, 0.01])  # slow decays in the tail: its pieces' start states matter
+    _check(q, k, v, rates, s_in if initial_state else None, tail_heads=tail_heads, tail_pieces=tail_pieces, **kw)
+
+
+def test_reverse_sweep_and_backward_with_a_tail():
+    """The anti-causal sweep with a tail gives the one-launch sweep's outputs and state, and the
+    backward with a tail in its three sweeps the oracle's gradients."""
+    from lightning_jax.attention.pallas_mosaic import backward
+
+    q, k, v, s_in = _inputs(1, 330, 3, 64, 64, seed=11)
+    rates = jnp.array([0.001, 0.3, 0.01])
+    o1, g1 = _run(q, k, v, rates, s_in, reverse=True, scale=0.5)
+    o2, g2 = _run(q, k, v, rates, s_in, reverse=True, scale=0.5, tail_heads=2, tail_pieces=2, warp_specialized=True)
+    assert _rel_per_head(o2, o1, 2) < 1e-2
+    assert _rel_per_head(g2, g1, 1) < 1e-4
+    keys = jax.random.split(jax.random.PRNGKey(12), 2)
+    d_o = jax.random.normal(keys[0], v.shape).astype(jnp.bfloat16)
+    d_f = jax.random.normal(keys[1], s_in.shape)
+    jax.block_until_ready((d_o, d_f))
+    got = jax.block_until_ready(backward(q, k, v, rates, s_in, d_o, d_f, scale=0.5, interpret=INTERPRET,
+                                         tail_heads=1, tail_pieces=2, warp_specialized=True))
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    _, vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=0.5), *up, s_in)
+    for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), got, vjp((d_o.astype(jnp.float32), d_f))):
+        assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
+
+
+def test_tail_refuses_what_it_cannot_run():
+    q, k, v, _ = _inputs(1, 256, 2, 64, 64)
+    rates = jnp.zeros((2,))
+    for kw, what in [(dict(tail_heads=2, tail_pieces=2), "tail_heads=2"), (dict(tail_heads=1, tail_pieces=1), "tail_pieces=1"),
+                     (dict(tail_heads=1, tail_pieces=2, pieces=2), "pieces=2"),
+                     (dict(tail_heads=1, tail_pieces=2, chunk=64), "chunk=64")]:
+        with pytest.raises(ValueError, match=f"tail_heads must be in 1 .. heads - 1 .*{what}"):
+            forward(q, k, v, rates, interpret=INTERPRET, **kw)
+
+
 @pytest.mark.parametrize("time,reverse,kw", [
     (1000, False, {}),  # 16 blocks, the last ragged: 2 pieces of 8, the first summed as 2 sub-pieces of 4
     (900, True, {}),  # 15 real blocks and one of padding: the reverse first kernel sums the last piece in 2
@@ -345,6 +393,26 @@ def test_launch_plan():
         assert (batch * pieces) % rows == 0
 
 
+def test_tail_plan():
+    """Where whole rows leave a last wave of programs under half full, its heads run after the
+    others, cut into the most pieces (a power of two, at most 4) that fill one wave."""
+    assert tail_plan(1, 8192, 96, 128, 1, 1, 132) == (30, 2)  # 192 programs: 66 heads whole, 30 in halves
+    assert tail_plan(1, 8192, 72, 128, 1, 1, 132) == (6, 4)  # 144: 12 left over, 4 pieces at most
+    assert tail_plan(2, 8192, 48, 128, 1, 1, 132) == (15, 2)
+    assert tail_plan(1, 8192, 130, 128, 1, 1, 132) == (0, 1)  # 260: the second wave 128 of 132
+    assert tail_plan(4, 16384, 16, 128, 1, 1, 132) == (0, 1)  # 128: one wave
+    assert tail_plan(1, 2048, 96, 128, 1, 1, 132) == (0, 1)  # 32 blocks: rows too short
+    assert tail_plan(1, 8192, 96, 128, 2, 1, 132) == (0, 1)  # pieces already
+    assert tail_plan(64, 8192, 3, 128, 1, 2, 132) == (0, 1)  # rows grouped
+    for batch, time, heads, dim_v in [(1, 8192, 70, 128), (3, 5000, 33, 64), (1, 70000, 140, 256), (2, 9000, 67, 128)]:
+        tail_heads, tail_pieces = tail_plan(batch, time, heads, dim_v, 1, 1, 132)
+        per_head = batch * -(-dim_v // 64)
+        if tail_heads:  # the other heads fill whole waves as far as whole heads can; the tail's pieces fit in one
+            whole, waves = (heads - tail_heads) * per_head, heads * per_head // 132
+            assert whole <= waves * 132 < whole + per_head and tail_heads * per_head * tail_pieces <= 132
+            assert 2 <= tail_pieces <= 4 and tail_pieces & (tail_pieces - 1) == 0
+
+
 def test_stages_and_state_split_choices():
     """Three stages where the three-warpgroup kernels run whole sequences compiled, two elsewhere;
     with pieces, the first kernel split to about two programs per SM."""
@@ -389,6 +457,41 @@ def test_op_passes_its_choices_to_the_kernels(monkeypatch):
     # Half the SMs (64 programs): whole sequences; the Mosaic backward with short rows only.
     assert trace((2, 2048, 16, 128)) == {"forward": (3, 1, 1), "backward": (3, 1, 1)}  # 32 blocks
     assert trace((2, 2112, 16, 128)) == {"forward": (3, 1, 1)}  # 33 blocks: the Triton backward
+
+
+def test_op_plans_a_tail(monkeypatch):
+    """192 programs on 132 SMs: the op runs the last 30 heads in halves in the forward and in the
+    backward's sweeps (which lower for sm_90, o an aliased buffer the second launch writes into);
+    not in sweeps of another tile count, not with MosaicConfig(tail_pieces=1), and the forward for
+    the Triton backward (which writes chunk states) runs without one."""
+    from lightning_jax.attention.pallas_mosaic import op as mosaic_op
+
+    seen = []
+    for name in ("forward", "backward"):
+        kernel = getattr(mosaic_op, name)
+        monkeypatch.setattr(mosaic_op, name, lambda *a, _k=kernel, _n=name, **kw: (seen.append((_n, kw)), _k(*a, **kw))[1])
+
+    def trace(shape, dim_v=None, config=None, lower=False):
+        seen.clear()
+        q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        v = jax.ShapeDtypeStruct((*shape[:3], dim_v or shape[3]), jnp.bfloat16)
+        rates = jnp.zeros((shape[2],))
+        op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                                 config=config).astype(jnp.float32).sum()
+        traced = jax.jit(jax.grad(op, (0, 1, 2))).trace(q, q, v)
+        if lower:
+            assert traced.lower(lowering_platforms=("cuda",)).as_text().count("output_operand_aliases") >= 2
+        return {name: (kw.get("tail_heads", 0), kw.get("tail_pieces", 1), kw.get("chunk")) for name, kw in seen}
+
+    assert trace((1, 4096, 96, 128), lower=True) == {"forward": (30, 2, None), "backward": (30, 2, None)}
+    assert trace((1, 4096, 96, 64), dim_v=128) == {"forward": (30, 2, None), "backward": (0, 1, None)}
+    assert trace((1, 4096, 96, 128), config=MosaicConfig(tail_pieces=1)) == {"forward": (0, 1, None),
+                                                                            "backward": (0, 1, None)}
+    assert trace((1, 4096, 96, 128), config=MosaicConfig(tail_pieces=4)) == {"forward": (30, 4, None),
+                                                                            "backward": (30, 4, None)}
+    (tail_heads, tail_pieces, chunk), = trace((1, 4096, 96, 128), config=MosaicConfig(backward="triton")).values()
+    assert (tail_heads, tail_pieces) == (0, 1) and chunk  # the forward with chunk states, in one launch
+    assert trace((1, 2048, 96, 128)) == {"forward": (0, 1, None), "backward": (0, 1, None)}  # rows too short
 
 
 def _op(q, k, v, rates, s_in, **kw):

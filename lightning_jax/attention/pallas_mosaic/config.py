@@ -20,6 +20,10 @@ MOSAIC_BLOCK = 64
 FULL_GRID = 0.9
 HALF_GRID = 0.45
 SHORT_BLOCKS = 32
+# A last wave of whole rows that leaves most SMs idle runs its heads in pieces instead (tail_plan),
+# for rows of at least TAIL_BLOCKS blocks, in at most MAX_TAIL_PIECES pieces.
+TAIL_BLOCKS = 64
+MAX_TAIL_PIECES = 4
 
 
 def grid_size(batch: int, time: int, heads: int, dim_v: int) -> tuple[int, int]:
@@ -49,6 +53,9 @@ class MosaicConfig:
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes),
       "mosaic" (`kernels.backward`: three sweeps of the Mosaic kernels, no saved states), or None:
       `choose_backward`. Interpret mode always runs the Triton backward.
+    tail_pieces: where whole rows leave a last wave of programs that fills few SMs, the heads of
+      that wave run after the others, each sequence in this many pieces (`tail_plan`); 1 turns it
+      off, None chooses.
     """
 
     stages: int | None = None
@@ -58,6 +65,7 @@ class MosaicConfig:
     state_split: int | None = None
     gradients: TritonConfig | None = None
     backward: str | None = None
+    tail_pieces: int | None = None
 
     def __post_init__(self):
         checks.check_choice("MosaicConfig.stages", self.stages, (None, 1, 2, 3))
@@ -68,7 +76,7 @@ class MosaicConfig:
                 "MosaicConfig.stages", "got 3 with warp_specialized=False, expected 1 or 2 (one warpgroup loads one "
                 "block ahead) or warp_specialized=True"
             )
-        for name in ("pieces", "rows_per_program", "state_split"):
+        for name in ("pieces", "rows_per_program", "state_split", "tail_pieces"):
             if getattr(self, name) is not None:
                 checks.check_int(f"MosaicConfig.{name}", getattr(self, name), minimum=1)
         if self.gradients is not None and not isinstance(self.gradients, TritonConfig):
@@ -148,3 +156,27 @@ def choose_backward(batch: int, time: int, heads: int, dim_v: int, pieces: int, 
     programs, blocks = grid_size(batch, time, heads, dim_v)
     grid_ok = programs >= FULL_GRID * sm_count or blocks <= SHORT_BLOCKS
     return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) and grid_ok else "triton"
+
+
+def tail_plan(batch: int, time: int, heads: int, dim_v: int, pieces: int, rows_per_program: int,
+              sm_count: int) -> tuple[int, int]:
+    """(tail_heads, tail_pieces) for `kernels.forward`: (0, 1) for one launch, or the heads of a
+    last, mostly idle wave of whole rows and the pieces to cut their sequences into.
+
+    One program fits an SM, so a grid of whole rows runs in waves of sm_count programs. Where the
+    last wave is less than half full, its heads go to a second launch after the others, their rows
+    cut into the largest power of two of pieces that still fits one wave (at most MAX_TAIL_PIECES,
+    at least 4 blocks each): 1 x 8,192 x 96 x 128 is 192 programs on 132 SMs, 66 heads whole (132
+    programs) and then 30 in halves (120), so the second wave takes half a row's time instead of a
+    whole one. Only for rows of TAIL_BLOCKS blocks or more (shorter ones gain less than the pieces'
+    first kernel and scan cost) and launches without pieces or grouped rows."""
+    programs, blocks = grid_size(batch, time, heads, dim_v)
+    if pieces > 1 or rows_per_program > 1 or blocks < TAIL_BLOCKS or programs <= sm_count:
+        return 0, 1
+    per_head = programs // heads
+    tail_heads = heads - (programs // sm_count) * sm_count // per_head
+    tail_programs = tail_heads * per_head
+    if not tail_heads or 2 * tail_programs > sm_count:
+        return 0, 1
+    tail_pieces = min(1 << ((sm_count // tail_programs).bit_length() - 1), MAX_TAIL_PIECES, blocks // 4)
+    return tail_heads, tail_pieces

@@ -165,7 +165,7 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
 
 
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
-            has_s0, outputs, chunk_blocks=None, reverse=False):
+            has_s0, outputs, chunk_blocks=None, reverse=False, head_offset=0):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
@@ -177,7 +177,8 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     (rs_ref,) = refs if chunk_blocks else (None,)
     dt = k_ref.dtype
     j = lax.axis_index("tile")
-    h = lax.axis_index("head")
+    hs = lax.axis_index("head")  # the head within the launch: indexes the states (s0, sf, rs)
+    h = hs + head_offset  # the head of q, k, v, o and the tables
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
     streams = 3 if outputs else 2  # q, k, v (or k, v) per pipeline slot
@@ -224,7 +225,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             kdec, sdec = _block_decays(kdec_s, sdec_s, g, real_blocks)
             if chunk_blocks:
                 _store_chunk_state(s, g, b, chunk_blocks=chunk_blocks, real_blocks=real_blocks, rs_ref=rs_ref,
-                                   st_s=st_s, sdec_s=sdec_s, h=h, cols=cols)
+                                   st_s=st_s, sdec_s=sdec_s, h=hs, cols=cols)
             if outputs:
                 r_s[...] = s.astype(dt)  # the bf16 state for Q S while the copies fly
             for t in range(streams):
@@ -249,7 +250,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             return s
 
         _sweep_rows(step, where, rows_per_program=rows_per_program, blocks_per_piece=blocks_per_piece,
-                    s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[0], h=h, cols=cols)
+                    s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[0], h=hs, cols=cols)
         plgpu.wait_smem_to_gmem(0)
 
     scratch = dict(
@@ -279,7 +280,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
-               scores_in_registers=False, update_in_registers=False, has_segments=False):
+               scores_in_registers=False, update_in_registers=False, has_segments=False, head_offset=0):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -305,7 +306,8 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
     (rs_ref,) = refs if chunk_blocks else (None,)
     dt = q_ref.dtype
     j = lax.axis_index("tile")
-    h = lax.axis_index("head")
+    hs = lax.axis_index("head")  # the head within the launch: indexes the states (s0, sf, rs)
+    h = hs + head_offset  # the head of q, k, v, o and the tables
     wg = lax.axis_index("wg")
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
@@ -353,7 +355,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 kdec, sdec = _block_decays(kdec_s, sdec_s, g, real_blocks)
                 if chunk_blocks:
                     _store_chunk_state(s, g, b, chunk_blocks=chunk_blocks, real_blocks=real_blocks, rs_ref=rs_ref,
-                                       st_s=st_s, sdec_s=sdec_s, h=h, cols=cols)
+                                       st_s=st_s, sdec_s=sdec_s, h=hs, cols=cols)
 
                 @pl.when(n >= 2)
                 def _():
@@ -385,7 +387,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 return s
 
             _sweep_rows(step, where, rows_per_program=rows_per_program, blocks_per_piece=blocks_per_piece,
-                        s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[4], h=h, cols=cols)
+                        s0_ref=s0_ref, sf_ref=sf_ref, st_s=st_s, barrier=tbars.at[4], h=hs, cols=cols)
             for n in range(max(steps - 2, 0), steps):  # the output warpgroup's last frees
                 plgpu.barrier_wait(free.at[n % 2])
             plgpu.wait_smem_to_gmem(0)
@@ -557,11 +559,16 @@ def _interpret_params(interpret):
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
            has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
-           update_in_registers=False, has_segments=False):
+           update_in_registers=False, has_segments=False, head_offset=0, o_into=None):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
-    fp32 [batch, heads, chunks, dim_k, dim_v], R^(j) before every chunk of that many blocks."""
+    fp32 [batch, heads, chunks, dim_k, dim_v], R^(j) before every chunk of that many blocks.
+
+    The launch covers `shape`'s heads from `head_offset` on: the states count heads from there, q,
+    k, v, o and the tables from 0. `o_into`: a mutable array (`jax.new_ref`) the outputs are written
+    into (an aliased buffer, so a second launch adds its heads to a first one's o without a copy);
+    the launch then returns the states only."""
     batch, _, heads, dk, dv = shape
     rows = batch * pieces
     rows_per_program = math.gcd(rows, rows_per_program)
@@ -571,6 +578,8 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         common["chunk_blocks"] = chunk_blocks
     if reverse:
         common["reverse"] = True
+    if head_offset:
+        common["head_offset"] = head_offset
     warp_specialized = warp_specialized and outputs
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
@@ -578,8 +587,13 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     else:
         kernel = functools.partial(_kernel, outputs=outputs, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
-    o = jax.ShapeDtypeStruct((batch, pieces * blocks_per_piece * block, heads, dv), args[0].dtype)
-    out_type = (o, states) if outputs else states
+    if outputs and o_into is None:  # q's padded length and all its heads (a later launch may add heads)
+        o = jax.ShapeDtypeStruct((batch, args[0].shape[1], args[0].shape[2], dv), args[0].dtype)
+        out_type = (o, states)
+    else:
+        out_type = states
+        if o_into is not None:
+            args = [*args, o_into]  # after the inputs, where the kernels take o
     if chunk_blocks:
         chunks = jax.ShapeDtypeStruct((batch, heads, pl.cdiv(real_blocks, chunk_blocks), dk, dv), jnp.float32)
         out_type = (o, states, chunks)
@@ -596,11 +610,11 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
                                              "interpret", "chunk", "reverse", "scores_in_registers",
-                                             "update_in_registers", "state_split"))
+                                             "update_in_registers", "state_split", "tail_heads", "tail_pieces"))
 def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
             chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None,
-            update_in_registers: bool | None = None, state_split: int = 1):
+            update_in_registers: bool | None = None, state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -621,6 +635,12 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
       state_split: with pieces, the first kernel cuts each piece into up to this many sub-pieces
         (a divisor of the piece's blocks, at least 4 blocks each) and sums them after, so the pass
         that only reads k and v runs more programs than the output pass.
+      tail_heads, tail_pieces: run the last `tail_heads` heads in a second launch, each sequence
+        cut into `tail_pieces` pieces (as `pieces` does), after the other heads' launch, writing
+        into the same o. For grids whose last wave of programs would leave most SMs idle (one
+        program fits an SM): 1 x 8,192 x 96 x 128 is 192 programs on 132 SMs; as 132 whole rows
+        and then 60 in halves (120 programs), the second wave takes half as long. Needs one piece,
+        no chunk states and no segment ids; `state_split` then applies to the tail.
       stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing;
         3 (three warpgroups only) the next two. 2 and 3 need dim_k <= 128; 3 fits in shared memory
         with both register forms (`scores_in_registers`, `update_in_registers`) only.
@@ -694,12 +714,20 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
                              "rule for wgmma with A in registers)")
 
     real_blocks = pl.cdiv(time, block)
-    blocks_per_piece = pl.cdiv(real_blocks, pieces)
-    pieces = pl.cdiv(real_blocks, blocks_per_piece)  # padding lies in the last piece only
-    if segment_ids is not None and (pieces > 1 or chunk is not None or not warp_specialized):
+    # The launches: (first head, heads, pieces); with a tail, its last `tail_heads` heads run in
+    # `tail_pieces` pieces after the others. A piece has whole blocks; padding lies in the last one.
+    launches = [(0, heads, pieces)]
+    if tail_heads:
+        if not 0 < tail_heads < heads or tail_pieces < 2 or pieces > 1 or chunk is not None or segment_ids is not None:
+            raise ValueError(f"tail_heads must be in 1 .. heads - 1 ({heads - 1}) with tail_pieces >= 2, one piece, no "
+                             f"chunk states and no segment ids; got tail_heads={tail_heads}, tail_pieces={tail_pieces}, "
+                             f"pieces={pieces}, chunk={chunk}, segment_ids={segment_ids is not None}")
+        launches = [(0, heads - tail_heads, 1), (heads - tail_heads, tail_heads, tail_pieces)]
+    launches = [(first, count, pl.cdiv(real_blocks, pl.cdiv(real_blocks, n))) for first, count, n in launches]
+    if segment_ids is not None and (launches[0][2] > 1 or chunk is not None or not warp_specialized):
         raise ValueError(f"segment_ids need warp_specialized=True, one piece and no chunk states; got "
                          f"warp_specialized={warp_specialized}, pieces={pieces}, chunk={chunk}")
-    padded = pieces * blocks_per_piece * block
+    padded = max(n * pl.cdiv(real_blocks, n) for _, _, n in launches) * block
     q, k = (_pad_to(_pad_to(x, 1, padded), 3, _TILE) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, padded), 3, _TILE)
     dk, dv = q.shape[-1], v.shape[-1]
@@ -709,30 +737,42 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         s0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, dk - dim_k), (0, dv - dim_v)))
     common = dict(block=block, stages=stages, real_blocks=real_blocks, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret)
+    segments = [] if segment_ids is None else [segment_tables(segment_ids, block=block, padded=padded, reverse=reverse)]
 
-    if pieces > 1:
-        starts = _reverse_starts if reverse else _forward_starts
-        split = max(d for d in range(1, state_split + 1)
-                    if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
-        s0 = starts(k, v, kdec, sdec, rates, s0, time=time, pieces=pieces, blocks_per_piece=blocks_per_piece,
-                    split=split, shape=(batch, time, heads, dk, dv), **common)
-    elif s0 is not None:
-        s0 = s0[:, None]
-
-    args = [q, k, v, mask, qdec, kdec, sdec] + ([s0] if s0 is not None else [])
-    if segment_ids is not None:
-        args.append(segment_tables(segment_ids, block=block, padded=padded, reverse=reverse))
-    out = _sweep(
-        args, outputs=True, shape=(batch, time, heads, dk, dv), pieces=pieces, blocks_per_piece=blocks_per_piece,
-        has_s0=s0 is not None, chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
-        scores_in_registers=scores_in_registers, update_in_registers=update_in_registers,
-        has_segments=segment_ids is not None, **common,
-    )
-    # The state after the sweep: the last piece's, or in reverse the first piece's.
-    o, finals = out[0][:, :time, :, :dim_v], out[1][:, 0 if reverse else -1, :, :dim_k, :dim_v]
+    o_into, finals = None, []
+    for first, count, n in launches:
+        blocks_per_piece = pl.cdiv(real_blocks, n)
+        shape = (batch, time, count, dk, dv)
+        start = None if s0 is None else s0[:, first:first + count]
+        if n > 1:
+            starts = _reverse_starts if reverse else _forward_starts
+            split = max(d for d in range(1, state_split + 1)
+                        if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
+            start = starts(k, v, kdec, sdec, rates[first:first + count], start, time=time, pieces=n,
+                           blocks_per_piece=blocks_per_piece, split=split, shape=shape, head_offset=first, **common)
+        elif start is not None:
+            start = start[:, None]
+        out = _sweep(
+            [q, k, v, mask, qdec, kdec, sdec] + ([start] if start is not None else []) + segments, outputs=True,
+            shape=shape, pieces=n, blocks_per_piece=blocks_per_piece, has_s0=start is not None,
+            chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
+            scores_in_registers=scores_in_registers, update_in_registers=update_in_registers,
+            has_segments=segment_ids is not None, head_offset=first, o_into=o_into, **common,
+        )
+        if o_into is None:
+            o, states, *chunk_states = out
+        else:
+            states = out
+        # The state after the sweep: the last piece's, or in reverse the first piece's.
+        finals.append(states[:, 0 if reverse else -1, :, :dim_k, :dim_v])
+        if len(launches) > 1 and o_into is None:
+            o_into = jax.new_ref(o)  # the next launch writes its heads into this o
+    if o_into is not None:
+        o = o_into[...]
+    o, finals = o[:, :time, :, :dim_v], jnp.concatenate(finals, axis=1) if len(finals) > 1 else finals[0]
     if chunk is None:
         return o, finals
-    return o, finals, out[2][..., :dim_k, :dim_v]
+    return o, finals, chunk_states[0][..., :dim_k, :dim_v]
 
 
 def _split_sums(adds, rates, *, pieces, split, sub_span, reverse):
@@ -750,7 +790,8 @@ def _split_sums(adds, rates, *, pieces, split, sub_span, reverse):
     return jnp.einsum("bpjhkv,jh->bphkv", adds, weights, precision=lax.Precision.HIGHEST)
 
 
-def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, **common):
+def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, head_offset,
+                    **common):
     """The forward's start state of each piece, fp32 [batch, pieces, heads, dk, dv]: a first kernel
     sums each piece but the last from zero (U_p, aged to the piece's last token; in `split`
     sub-pieces, `_split_sums`), then a scan from the first piece gives piece p + 1 its start
@@ -761,7 +802,8 @@ def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     span = blocks_per_piece * common["block"]
     head = pieces - 1
     adds = _sweep([k[:, : head * span], v[:, : head * span], kdec, sdec], outputs=False, shape=shape,
-                  pieces=head * split, blocks_per_piece=blocks_per_piece // split, has_s0=False, **common)
+                  pieces=head * split, blocks_per_piece=blocks_per_piece // split, has_s0=False,
+                  head_offset=head_offset, **common)
     adds = _split_sums(adds, rates, pieces=head, split=split, sub_span=span // split, reverse=False)
     age = jnp.exp(-rates.astype(jnp.float32) * span)[:, None, None]
     start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
@@ -775,7 +817,7 @@ def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
 
 
 def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, real_blocks,
-                    **common):
+                    head_offset, **common):
     """The reverse sweep's start state of each piece, fp32 [batch, pieces, heads, dk, dv].
 
     Piece p starts from G_(p+1): the later tokens' terms aged to piece p + 1's first token. The last
@@ -789,7 +831,7 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     adds = _sweep(  # pieces 1 .. P-1: the block kinds count from the cut (real_blocks less one piece)
         [k[:, span:], v[:, span:], kdec, sdec], outputs=False, shape=shape, pieces=(pieces - 1) * split,
         blocks_per_piece=blocks_per_piece // split, real_blocks=real_blocks - blocks_per_piece, has_s0=False,
-        reverse=True, **common,
+        reverse=True, head_offset=head_offset, **common,
     )
     adds = _split_sums(adds, rates, pieces=pieces - 1, split=split, sub_span=span // split, reverse=True)
     rates = rates.astype(jnp.float32)[:, None, None]
@@ -807,7 +849,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
              pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
              scores_in_registers: bool | None = None, update_in_registers: bool | None = None,
-             state_split: int = 1):
+             state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -818,13 +860,14 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
     (the forward with its operands' roles exchanged computes each: the state it carries is S^T for
     dQ and the reverse-time state G of the later tokens for dK and dV). Arguments as `forward`'s;
     d_o like v, d_final fp32 [batch, heads, dim_k, dim_v] or None (zero). Returns (dq, dk, dv in q's dtype, d_initial_state fp32 or None when
-    initial_state is None). `pieces` cuts the sequence for all three sweeps.
+    initial_state is None). `pieces` (and a tail, `tail_heads`) cuts the sequence for all three sweeps.
 
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
-                  update_in_registers=update_in_registers, state_split=state_split)
+                  update_in_registers=update_in_registers, state_split=state_split, tail_heads=tail_heads,
+                  tail_pieces=tail_pieces)
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)

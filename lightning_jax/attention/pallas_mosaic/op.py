@@ -20,7 +20,7 @@ from jax import lax
 
 from lightning_jax import checks
 from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward, choose_stages,
-                                                          choose_state_split, dim_limit, launch_plan)
+                                                          choose_state_split, dim_limit, launch_plan, tail_plan)
 from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
@@ -30,7 +30,12 @@ from lightning_jax.attention.pallas_triton.op import plan_for as triton_plan_for
 
 # `forward_settings`, `backward_settings`: the kernels' keyword options for each direction, as tuples of
 # (name, value) pairs (hashable, for the custom_vjp's static arguments). `backward_settings` is None
-# with the Triton backward, which `plan` describes.
+# with the Triton backward, which `plan` describes; the forward for it then runs without a tail
+# (`_without_tail`: the chunk states it writes come from one launch).
+
+
+def _without_tail(settings):
+    return {name: value for name, value in settings if name not in ("tail_heads", "tail_pieces")}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -49,7 +54,7 @@ def _attention_fwd(forward_settings, backward_settings, plan, q, k, v, rates, s_
         o, final = forward(q, k, v, rates, s_in, **dict(forward_settings))
         r = None
     else:
-        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **dict(forward_settings))
+        o, final, states = forward(q, k, v, rates, s_in, chunk=plan.chunk, **_without_tail(forward_settings))
         # [batch, heads, N, dim_k, dim_v] -> the Triton layout [batch * heads, N, dk_pad, dv_pad].
         r = states.reshape(plan.batch * plan.heads, plan.num_chunks, plan.dim_k, plan.dim_v)
         r = jnp.pad(r, ((0, 0), (0, 0), (0, plan.dk_pad - plan.dim_k), (0, plan.dv_pad - plan.dim_v)))
@@ -124,21 +129,31 @@ def lightning_attention_mosaic(
         backward_kind = "triton"
     else:
         backward_kind = choose_backward(batch, time, heads, dim_v, pieces, config.stages or 2, sm_count)
+    rows = config.rows_per_program or rows
+    tail_heads, tail_pieces = 0, 1
+    if segment_ids is None and config.tail_pieces != 1:
+        tail_heads, tail_pieces = tail_plan(batch, time, heads, dim_v, pieces, rows, sm_count)
+        tail_pieces = config.tail_pieces or tail_pieces
+    split_heads, split_pieces = (tail_heads, tail_pieces) if tail_heads else (heads, pieces)
     shared = (
         ("block", MOSAIC_BLOCK),
         ("scale", float(scale)),
         ("warp_specialized", config.warp_specialized),
         ("pieces", pieces),
-        ("rows_per_program", config.rows_per_program or rows),
-        ("state_split", config.state_split or choose_state_split(batch, heads, dim_v, pieces, sm_count)),
+        ("rows_per_program", rows),
+        ("state_split", config.state_split or choose_state_split(batch, split_heads, dim_v, split_pieces, sm_count)),
         ("interpret", interpret),
     )
+    tail = (("tail_heads", tail_heads), ("tail_pieces", tail_pieces)) if tail_heads else ()
 
     def stages(dim):
         return config.stages or choose_stages(pieces, dim, not interpret, config.warp_specialized)
 
-    forward_settings = (*shared, ("stages", stages(q.shape[-1])))
-    backward_settings, plan = (*shared, ("stages", stages(max(q.shape[-1], dim_v)))), None
+    forward_settings = (*shared, *tail, ("stages", stages(q.shape[-1])))
+    # The backward's dQ and dK sweeps run dim_k-wide value tiles: the tail (planned for dim_v's) only
+    # where both dims make the same number of 64-wide tiles.
+    same_tiles = -(-q.shape[-1] // 64) == -(-dim_v // 64)
+    backward_settings, plan = (*shared, *(tail if same_tiles else ()), ("stages", stages(max(q.shape[-1], dim_v)))), None
     if backward_kind == "triton" or interpret:  # (three interpreted Mosaic kernels in one program could deadlock)
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
         backward_settings = None
