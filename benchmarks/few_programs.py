@@ -1,12 +1,15 @@
-"""Grids that do not fill the GPU (batch x heads x 64-wide value tiles below the SM count): the
-Mosaic kernels on whole sequences (one program per row, some SMs idle) against the Mosaic kernels
-with pieces, the Triton kernels, `"pallas"` (which chooses) and jla; forward and forward + backward,
-timed as attention.py (back-to-back calls, one sync per batch, medians). With --check, first the
-op's output, final state and four gradients against the fp32 quadratic form at two half-grid
-shapes (one with the Triton backward, one with the Mosaic backward).
+"""Grids that do not fill the GPU (batch x heads x 64-wide value tiles below the SM count, or a
+last wave of programs mostly idle): the Mosaic kernels on whole sequences (one program per row,
+some SMs idle) against the Mosaic kernels with pieces, the Triton kernels, `"pallas"` (which
+chooses) and jla; `mosaic` and `mosaic_no_tail` are the Mosaic op with its own launch plan, with
+and without the tail launch (`config.tail_plan`). Forward and forward + backward, timed as
+attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
+output, final state and four gradients against the fp32 quadratic form at two half-grid shapes
+(one with the Triton backward, one with the Mosaic backward), or at --check-shapes.
 
-    PYTHONPATH=$PWD python3 benchmarks/few_programs.py [--check] [--shapes 2x2048x16x128,...]
-        [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla] [--deadline S] [--out F.json]
+    PYTHONPATH=$PWD python3 benchmarks/few_programs.py [--check] [--check-shapes 1x4099x96x128,...]
+        [--shapes 2x2048x16x128,...] [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla]
+        [--deadline S] [--out F.json]
 
 Data: docs/attention_mosaic_few_programs_h200.json (variants pallas_triton, mosaic_whole,
 mosaic_pieces, jla; `pallas_triton` there is named `triton`), docs/attention_mosaic_half_grid_h200.json
@@ -33,15 +36,15 @@ from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
 SHAPES = [(2, 2048, 16, 128), (1, 2048, 16, 128), (2, 4096, 16, 128), (2, 8192, 16, 128), (2, 16384, 16, 128),
           (1, 16384, 16, 128), (8, 1024, 8, 64), (1, 8192, 8, 128), (4, 1024, 16, 64)]
 CHECKS = [(2, 3000, 16, 128, ()), (2, 2000, 16, 128, ())]  # 64 programs: 47 blocks (Triton backward), 32 (Mosaic)
-VARIANTS = ["pallas", "pallas_triton", "mosaic_whole", "mosaic_pieces", "jla"]
+VARIANTS = ["pallas", "pallas_triton", "mosaic_whole", "mosaic_pieces", "mosaic", "mosaic_no_tail", "jla"]
 
 
 def variant(name, rates, shape):
     """The forward of one variant, (q, k, v) -> o; None where it does not run."""
     if name in ("pallas", "pallas_triton"):
         return lambda q, k, v: lightning_attention(q, k, v, rates, implementation=name)
-    if name in ("mosaic_whole", "mosaic_pieces"):  # pieces: the Mosaic op's own launch plan
-        config = MosaicConfig(pieces=1) if name == "mosaic_whole" else None
+    if name.startswith("mosaic"):  # mosaic_pieces and mosaic: the Mosaic op's own launch plan
+        config = {"mosaic_whole": MosaicConfig(pieces=1), "mosaic_no_tail": MosaicConfig(tail_pieces=1)}.get(name)
         return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config)
     return jax_variants(shape, rates).get(name)
 
@@ -51,16 +54,19 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated BxTxHxD")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--check", action="store_true", help="the op against the fp32 quadratic form first")
+    ap.add_argument("--check-shapes", default=None, help="comma-separated BxTxHxD for --check (default: two half grids)")
     ap.add_argument("--deadline", type=float, default=None, help="no new shape after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    checks = CHECKS if args.check_shapes is None else [
+        (*(int(x) for x in s.split("x")), ()) for s in args.check_shapes.split(",")]
     names = [n for n in args.variants.split(",") if n]
     for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"--variants: got {name!r}, expected names from {VARIANTS}")
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {}}
-    for case in CHECKS if args.check else []:
+    for case in checks if args.check else []:
         errs = check_gradients(case)
         results["checks"].append({"case": list(case[:4]), **errs, "ok": max(errs.values()) < 1e-2})
         log("check", results["checks"][-1])

@@ -98,13 +98,13 @@ def test_few_programs_script_runs_on_cpu(monkeypatch, capsys):
     monkeypatch.setattr(few_programs, "time_jax",
                         lambda fn, sets: ran.append(jax.block_until_ready(fn(*sets[0]))) or 1e-3)
     monkeypatch.setattr(sys, "argv", ["few_programs.py", "--shapes", "1x128x2x64",
-                                      "--variants", "pallas_triton,mosaic_whole,mosaic_pieces"])
+                                      "--variants", "pallas_triton,mosaic_whole,mosaic_pieces,mosaic_no_tail"])
     few_programs.main()
-    assert len(ran) == 6  # three variants, forward and forward + backward
+    assert len(ran) == 8  # four variants, forward and forward + backward
     o = [np.asarray(r if not isinstance(r, tuple) else r[0], np.float32) for r in ran[::2]]
     for other in o[1:]:  # the Mosaic variants against Triton: bf16 outputs (and a bf16 state in Mosaic's)
         assert np.linalg.norm(other - o[0]) / np.linalg.norm(o[0]) < 1e-2
-    assert "1x128x2x64 | 2 | 1.0000 / 1.0000 | 1.0000 / 1.0000 | 1.0000 / 1.0000" in capsys.readouterr().out
+    assert "1x128x2x64 | 2 | 1.0000 / 1.0000 | 1.0000 / 1.0000 | 1.0000 / 1.0000 | 1.0000 / 1.0000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--variants: got 'nope'"):
         monkeypatch.setattr(sys, "argv", ["few_programs.py", "--variants", "nope"])
         few_programs.main()
