@@ -165,7 +165,7 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
 
 
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
-            has_s0, outputs, chunk_blocks=None, reverse=False, head_offset=0):
+            has_s0, outputs, chunk_blocks=None, reverse=False, head_offset=0, block_offset=0):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
@@ -188,7 +188,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, bars, tbars):
         def issue(n, slot):
             b, _, g = where(n)
-            rows = pl.ds(g * block, block)
+            rows = pl.ds((g + block_offset) * block, block)  # (the reverse first kernel starts a piece in)
             srcs = [k_ref.at[b, rows, h, :], v_ref.at[b, rows, h, cols]]
             dsts = [k_s.at[slot], v_s.at[slot]]
             if outputs:
@@ -559,7 +559,7 @@ def _interpret_params(interpret):
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
            has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
-           update_in_registers=False, has_segments=False, head_offset=0, o_into=None):
+           update_in_registers=False, has_segments=False, head_offset=0, o_into=None, block_offset=0):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -568,7 +568,8 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     The launch covers `shape`'s heads from `head_offset` on: the states count heads from there, q,
     k, v, o and the tables from 0. `o_into`: a mutable array (`jax.new_ref`) the outputs are written
     into (an aliased buffer, so a second launch adds its heads to a first one's o without a copy);
-    the launch then returns the states only."""
+    the launch then returns the states only. `block_offset` (one warpgroup, k and v only): the
+    rows start that many blocks into k and v (the block kinds still count from the start)."""
     batch, _, heads, dk, dv = shape
     rows = batch * pieces
     rows_per_program = math.gcd(rows, rows_per_program)
@@ -581,6 +582,9 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
     if head_offset:
         common["head_offset"] = head_offset
     warp_specialized = warp_specialized and outputs
+    if block_offset:
+        assert not (outputs or warp_specialized), "block_offset: the one-warpgroup sums of k and v only"
+        common["block_offset"] = block_offset
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
                                    update_in_registers=update_in_registers, has_segments=has_segments, **common)
@@ -801,7 +805,7 @@ def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     head = pieces - 1
-    adds = _sweep([k[:, : head * span], v[:, : head * span], kdec, sdec], outputs=False, shape=shape,
+    adds = _sweep([k, v, kdec, sdec], outputs=False, shape=shape,  # (its rows end before the last piece)
                   pieces=head * split, blocks_per_piece=blocks_per_piece // split, has_s0=False,
                   head_offset=head_offset, **common)
     adds = _split_sums(adds, rates, pieces=head, split=split, sub_span=span // split, reverse=False)
@@ -829,9 +833,9 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     adds = _sweep(  # pieces 1 .. P-1: the block kinds count from the cut (real_blocks less one piece)
-        [k[:, span:], v[:, span:], kdec, sdec], outputs=False, shape=shape, pieces=(pieces - 1) * split,
+        [k, v, kdec, sdec], outputs=False, shape=shape, pieces=(pieces - 1) * split,
         blocks_per_piece=blocks_per_piece // split, real_blocks=real_blocks - blocks_per_piece, has_s0=False,
-        reverse=True, head_offset=head_offset, **common,
+        reverse=True, head_offset=head_offset, block_offset=blocks_per_piece, **common,
     )
     adds = _split_sums(adds, rates, pieces=pieces - 1, split=split, sub_span=span // split, reverse=True)
     rates = rates.astype(jnp.float32)[:, None, None]
