@@ -5,10 +5,11 @@ chooses) and jla; `mosaic` and `mosaic_no_tail` are the Mosaic op with its own l
 and without the tail launch (`config.tail_plan`). Forward and forward + backward, timed as
 attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
 output, final state and four gradients against the fp32 quadratic form at two half-grid shapes
-(one with the Triton backward, one with the Mosaic backward), or at --check-shapes.
+(one with the Triton backward, one with the Mosaic backward), or at --check-shapes, with packed
+documents starting at --check-starts (through "pallas_mosaic").
 
     PYTHONPATH=$PWD python3 benchmarks/few_programs.py [--check] [--check-shapes 1x4099x96x128,...]
-        [--shapes 2x2048x16x128,...] [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla]
+        [--check-starts 100,2048] [--shapes 2x2048x16x128,... or "" for none] [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla]
         [--deadline S] [--out F.json]
 
 Data: docs/attention_mosaic_few_programs_h200.json (variants pallas_triton, mosaic_whole,
@@ -55,12 +56,15 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--check", action="store_true", help="the op against the fp32 quadratic form first")
     ap.add_argument("--check-shapes", default=None, help="comma-separated BxTxHxD for --check (default: two half grids)")
+    ap.add_argument("--check-starts", default="", help="comma-separated token positions where documents start in "
+                    "the --check-shapes cases (segment ids; none by default)")
     ap.add_argument("--deadline", type=float, default=None, help="no new shape after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    starts = tuple(int(x) for x in args.check_starts.split(",") if x)
     checks = CHECKS if args.check_shapes is None else [
-        (*(int(x) for x in s.split("x")), ()) for s in args.check_shapes.split(",")]
+        (*(int(x) for x in s.split("x")), starts) for s in args.check_shapes.split(",")]
     names = [n for n in args.variants.split(",") if n]
     for name in names:
         if name not in VARIANTS:
@@ -68,7 +72,7 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {}}
     for case in checks if args.check else []:
         errs = check_gradients(case)
-        results["checks"].append({"case": list(case[:4]), **errs, "ok": max(errs.values()) < 1e-2})
+        results["checks"].append({"case": list(case[:4]), "starts": list(case[4]), **errs, "ok": max(errs.values()) < 1e-2})
         log("check", results["checks"][-1])
     start = time.monotonic()
     for shape in shapes:

@@ -339,12 +339,38 @@ def test_segments_match_the_oracle(batch, time, cuts, kw, initial_state):
     assert _rel_per_head(final, want_final, 1) < 1e-2
 
 
-@pytest.mark.parametrize("time,cuts,initial_state,d_final", [
-    (200, [[30, 64, 190]], True, True),  # the last document starts in the last, ragged block
-    (130, [[64]], False, True),
-    (150, [[1, 149]], True, False),
+# Pieces and a tail with documents: the piece links carry a state only across pieces without a
+# document start. 330 tokens are 6 blocks: 3 pieces of 128 tokens (the last ragged), or 2 of 192.
+@pytest.mark.parametrize("cuts,kw", [
+    ([[100, 192]], dict(pieces=3)),  # a start inside the first and inside the second piece
+    ([[128]], dict(pieces=3)),  # exactly at a piece's first token
+    ([[127, 129]], dict(pieces=3)),  # at a piece's last token, and at its second
+    ([[5]], dict(pieces=2)),  # every piece after the first inside one document
+    ([[64, 65, 300]], dict(tail_heads=2, tail_pieces=3)),  # the tail's pieces
 ])
-def test_segments_backward_matches_the_oracle_gradients(time, cuts, initial_state, d_final):
+def test_segments_with_pieces_match_the_oracle(cuts, kw):
+    q, k, v, s_in = _inputs(1, 330, 3, 64, 64, seed=5)
+    rates = jnp.array([0.001, 0.3, 0.01])  # slow decays: the carried states matter
+    seg = _segments(1, 330, cuts, seed=1)
+    o, final = _run(q, k, v, rates, s_in, seg, warp_specialized=True, **kw)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want_o, want_final = reference.quadratic(*up, rates, s_in, segment_ids=seg)
+    assert _rel_per_head(o, want_o, 2) < 1e-2
+    assert _rel_per_head(final, want_final, 1) < 1e-2
+    o1, g1 = _run(q, k, v, rates, s_in, seg, warp_specialized=True, reverse=True)  # the anti-causal sweep
+    o2, g2 = _run(q, k, v, rates, s_in, seg, warp_specialized=True, reverse=True, **kw)
+    assert _rel_per_head(o2, o1, 2) < 1e-2
+    assert _rel_per_head(g2, g1, 1) < 1e-4
+
+
+@pytest.mark.parametrize("time,cuts,initial_state,d_final,kw", [
+    (200, [[30, 64, 190]], True, True, {}),  # the last document starts in the last, ragged block
+    (130, [[64]], False, True, {}),
+    (150, [[1, 149]], True, False, {}),
+    (330, [[100, 257]], True, True, dict(pieces=3)),  # documents with pieces in all three sweeps
+    (330, [[128]], True, True, dict(tail_heads=1, tail_pieces=2)),
+])
+def test_segments_backward_matches_the_oracle_gradients(time, cuts, initial_state, d_final, kw):
     from lightning_jax.attention.pallas_mosaic import backward
 
     keys = jax.random.split(jax.random.PRNGKey(time + 1), 6)
@@ -354,7 +380,7 @@ def test_segments_backward_matches_the_oracle_gradients(time, cuts, initial_stat
     seg = _segments(1, time, cuts, seed=0)
     rates = jnp.array([0.0, 0.3])
     jax.block_until_ready((q, k, v, d_o, s_in, d_f, seg))
-    got = backward(q, k, v, rates, s_in, d_o, d_f, seg, scale=0.5, warp_specialized=True, interpret=INTERPRET)
+    got = backward(q, k, v, rates, s_in, d_o, d_f, seg, scale=0.5, warp_specialized=True, interpret=INTERPRET, **kw)
     got = jax.block_until_ready(got)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     (_, final), vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=0.5, segment_ids=seg),
@@ -367,11 +393,13 @@ def test_segments_backward_matches_the_oracle_gradients(time, cuts, initial_stat
         assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
 
 
-def test_segments_refuse_pieces_and_chunk_states():
+def test_segments_refuse_chunk_states():
     q, k, v, _ = _inputs(1, 512, 1, 64, 64)
     seg = jnp.zeros((1, 512), jnp.int32)
-    with pytest.raises(ValueError, match="segment_ids need warp_specialized=True, one piece"):
-        forward(q, k, v, jnp.zeros((1,)), None, seg, pieces=2, warp_specialized=True, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="segment_ids need warp_specialized=True and no chunk states"):
+        forward(q, k, v, jnp.zeros((1,)), None, seg, chunk=128, warp_specialized=True, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="segment_ids need warp_specialized=True"):
+        forward(q, k, v, jnp.zeros((1,)), None, seg, warp_specialized=False, interpret=INTERPRET)
     with pytest.raises(ValueError, match="segment_ids: expected shape"):
         forward(q, k, v, jnp.zeros((1,)), None, seg[:, :10], warp_specialized=True, interpret=INTERPRET)
 
@@ -549,7 +577,7 @@ def test_op_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="segment_ids: got segment ids with interpret mode"):
         _op(q, k, v, rates, None, segment_ids=seg)  # _op interprets
     compiled = dict(implementation="pallas_mosaic", interpret=False, segment_ids=seg)
-    for config in (MosaicConfig(pieces=2), MosaicConfig(backward="triton"), MosaicConfig(gradients=TritonConfig())):
+    for config in (MosaicConfig(backward="triton"), MosaicConfig(gradients=TritonConfig())):
         with pytest.raises(ValueError, match="segment_ids: got segment ids with MosaicConfig"):
             lightning_attention(q, k, v, rates, config=config, **compiled)
     wide = jnp.zeros((1, 8, 1, 256), jnp.bfloat16)
@@ -711,15 +739,19 @@ def test_pallas_takes_the_mosaic_backward_unless_given_a_triton_config(monkeypat
 
 def test_op_cross_lowers_with_segment_ids():
     """Packed documents through the op: the Mosaic forward and, for gradients, the Mosaic backward
-    only (the segment tables ride along; no pieces even where the plan would cut them)."""
-    q = jax.ShapeDtypeStruct((1, 4096, 2, 64), jnp.bfloat16)
-    seg = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
-    rates = jnp.array([0.1, 0.2])
-    op = lambda q, k, v, seg: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
-                                                  segment_ids=seg)
-    loss = lambda q, k, v, seg: op(q, k, v, seg).astype(jnp.float32).sum()
-    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 4 and "triton" not in text  # forward, dQ, dV, dK sweeps
+    only (the segment tables ride along), with the pieces the launch plan cuts (2 heads: 4 programs)
+    and with a tail (96 heads: 192 programs)."""
+    # Under grad the forward is not needed and the dV and dK sweeps share one function: the dQ sweep and
+    # that function hold 2 kernels each with pieces (the first kernel and the output pass), 3 with a tail.
+    for shape, kernels in (((1, 4096, 2, 64), 4), ((1, 4096, 96, 128), 6)):
+        q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32)
+        rates = jnp.linspace(0.1, 0.2, shape[2])
+        op = lambda q, k, v, seg: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
+                                                      segment_ids=seg)
+        loss = lambda q, k, v, seg: op(q, k, v, seg).astype(jnp.float32).sum()
+        text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu_v2") == kernels and "triton" not in text
 
 
 def test_op_cross_lowers_with_triton_gradients():

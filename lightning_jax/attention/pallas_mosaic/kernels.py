@@ -165,13 +165,15 @@ def _sweep_rows(step, where, *, rows_per_program, blocks_per_piece, s0_ref, sf_r
 
 
 def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_program, dim_k, tile_v, stages,
-            has_s0, outputs, chunk_blocks=None, reverse=False, head_offset=0, block_offset=0):
+            has_s0, outputs, chunk_blocks=None, reverse=False, head_offset=0, block_offset=0, has_segments=False):
     refs = list(refs)
     q_ref = refs.pop(0) if outputs else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
     mask_ref, qdec_ref = (refs.pop(0), refs.pop(0)) if outputs else (None, None)
     kdec_ref, sdec_ref = refs.pop(0), refs.pop(0)
     s0_ref = refs.pop(0) if has_s0 else None
+    # Packed documents (the sums pieces add: k and v only): the three-warpgroup kernel's rules.
+    seg_ref = refs.pop(0) if has_segments else None
     o_ref = refs.pop(0) if outputs else None
     sf_ref = refs.pop(0)
     (rs_ref,) = refs if chunk_blocks else (None,)
@@ -181,11 +183,11 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     h = hs + head_offset  # the head of q, k, v, o and the tables
     cols = pl.ds(j * tile_v, tile_v)
     wgmma = plgpu.Layout.WGMMA
-    streams = 3 if outputs else 2  # q, k, v (or k, v) per pipeline slot
+    streams = (3 if outputs else 2) + has_segments  # q, k, v (or k, v) and the segment tables per pipeline slot
     steps = rows_per_program * blocks_per_piece
     where = _walker(lax.axis_index("rows") * rows_per_program, blocks_per_piece, pieces, reverse)
 
-    def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, bars, tbars):
+    def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, st_s, seg_s, bars, tbars):
         def issue(n, slot):
             b, _, g = where(n)
             rows = pl.ds((g + block_offset) * block, block)  # (the reverse first kernel starts a piece in)
@@ -194,6 +196,9 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
             if outputs:
                 srcs.append(q_ref.at[b, rows, h, :])
                 dsts.append(q_s.at[slot])
+            if has_segments:
+                srcs.append(seg_ref.at[b, g + block_offset])
+                dsts.append(seg_s.at[slot])
             for t, (src, dst) in enumerate(zip(srcs, dsts)):
                 plgpu.copy_gmem_to_smem(src, dst, bars.at[slot * streams + t])
 
@@ -230,6 +235,9 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
                 r_s[...] = s.astype(dt)  # the bf16 state for Q S while the copies fly
             for t in range(streams):
                 plgpu.barrier_wait(bars.at[slot * streams + t])
+            if has_segments:  # keep the state only within its document; add the block's last one
+                s = s * seg_s[slot, 4, 0]
+                kdec = kdec * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(1))
             k_blk, v_blk = k_s.at[slot], v_s.at[slot]
             if outputs:
                 q_blk = q_s.at[slot]
@@ -261,6 +269,7 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
         sdec_s=plgpu.SMEM((4, dim_k), jnp.float32),
         st_s=plgpu.SMEM((dim_k, tile_v), jnp.float32),  # fp32 state in/out
         bars=plgpu.Barrier(num_barriers=stages * streams),
+        **(dict(seg_s=plgpu.SMEM((stages, 5, block), jnp.float32)) if has_segments else {}),
         tbars=plgpu.Barrier(num_barriers=4 if outputs else 2),
     )
     if outputs:
@@ -275,7 +284,8 @@ def _kernel(*refs, block, blocks_per_piece, real_blocks, pieces, rows_per_progra
     pl.run_scoped(lambda **bufs: scoped(**{n: bufs.get(n) for n in _SCRATCH}), **scratch)
 
 
-_SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s", "kdec_s", "sdec_s", "st_s", "bars", "tbars")
+_SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s", "kdec_s", "sdec_s", "st_s", "seg_s",
+            "bars", "tbars")
 
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
@@ -589,7 +599,8 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
                                    update_in_registers=update_in_registers, has_segments=has_segments, **common)
     else:
-        kernel = functools.partial(_kernel, outputs=outputs, **common)
+        assert not (has_segments and outputs), "segment ids: outputs from the three-warpgroup kernel only"
+        kernel = functools.partial(_kernel, outputs=outputs, has_segments=has_segments, **common)
     states = jax.ShapeDtypeStruct((batch, pieces, heads, dk, dv), jnp.float32)
     if outputs and o_into is None:  # q's padded length and all its heads (a later launch may add heads)
         o = jax.ShapeDtypeStruct((batch, args[0].shape[1], args[0].shape[2], dv), args[0].dtype)
@@ -722,15 +733,15 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
     # `tail_pieces` pieces after the others. A piece has whole blocks; padding lies in the last one.
     launches = [(0, heads, pieces)]
     if tail_heads:
-        if not 0 < tail_heads < heads or tail_pieces < 2 or pieces > 1 or chunk is not None or segment_ids is not None:
-            raise ValueError(f"tail_heads must be in 1 .. heads - 1 ({heads - 1}) with tail_pieces >= 2, one piece, no "
-                             f"chunk states and no segment ids; got tail_heads={tail_heads}, tail_pieces={tail_pieces}, "
-                             f"pieces={pieces}, chunk={chunk}, segment_ids={segment_ids is not None}")
+        if not 0 < tail_heads < heads or tail_pieces < 2 or pieces > 1 or chunk is not None:
+            raise ValueError(f"tail_heads must be in 1 .. heads - 1 ({heads - 1}) with tail_pieces >= 2, one piece and "
+                             f"no chunk states; got tail_heads={tail_heads}, tail_pieces={tail_pieces}, "
+                             f"pieces={pieces}, chunk={chunk}")
         launches = [(0, heads - tail_heads, 1), (heads - tail_heads, tail_heads, tail_pieces)]
     launches = [(first, count, pl.cdiv(real_blocks, pl.cdiv(real_blocks, n))) for first, count, n in launches]
-    if segment_ids is not None and (launches[0][2] > 1 or chunk is not None or not warp_specialized):
-        raise ValueError(f"segment_ids need warp_specialized=True, one piece and no chunk states; got "
-                         f"warp_specialized={warp_specialized}, pieces={pieces}, chunk={chunk}")
+    if segment_ids is not None and (chunk is not None or not warp_specialized):
+        raise ValueError(f"segment_ids need warp_specialized=True and no chunk states; got "
+                         f"warp_specialized={warp_specialized}, chunk={chunk}")
     padded = max(n * pl.cdiv(real_blocks, n) for _, _, n in launches) * block
     q, k = (_pad_to(_pad_to(x, 1, padded), 3, _TILE) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, padded), 3, _TILE)
@@ -750,10 +761,11 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         start = None if s0 is None else s0[:, first:first + count]
         if n > 1:
             starts = _reverse_starts if reverse else _forward_starts
-            split = max(d for d in range(1, state_split + 1)
+            split = max(d for d in range(1, (1 if segments else state_split) + 1)  # (sub-piece sums: no documents)
                         if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
             start = starts(k, v, kdec, sdec, rates[first:first + count], start, time=time, pieces=n,
-                           blocks_per_piece=blocks_per_piece, split=split, shape=shape, head_offset=first, **common)
+                           blocks_per_piece=blocks_per_piece, split=split, shape=shape, head_offset=first,
+                           segments=segments, segment_ids=segment_ids, **common)
         elif start is not None:
             start = start[:, None]
         out = _sweep(
@@ -795,33 +807,44 @@ def _split_sums(adds, rates, *, pieces, split, sub_span, reverse):
 
 
 def _forward_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, head_offset,
-                    **common):
+                    segments, segment_ids, **common):
     """The forward's start state of each piece, fp32 [batch, pieces, heads, dk, dv]: a first kernel
     sums each piece but the last from zero (U_p, aged to the piece's last token; in `split`
     sub-pieces, `_split_sums`), then a scan from the first piece gives piece p + 1 its start
     lambda^(span) R_p + U_p, from R_0 = S_in. Every piece but the last is whole, so each ages the
-    state by lambda^(span)."""
+    state by lambda^(span).
+
+    Packed documents (`segments`, the tables; `segment_ids`): U_p holds the piece's last document
+    only (the first kernel drops its state where a document starts), and R_p carries on only where
+    piece p has no document start: R_(p+1) = c_p lambda^(span) R_p + U_p with c_p = 1 when the
+    token before the piece (for the first piece, its first token) and the piece's last token are
+    in one document."""
     del time  # the reverse sweep's signature: the forward's pieces do not need the length
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     head = pieces - 1
-    adds = _sweep([k, v, kdec, sdec], outputs=False, shape=shape,  # (its rows end before the last piece)
+    adds = _sweep([k, v, kdec, sdec] + segments, outputs=False, shape=shape,  # (its rows end before the last piece)
                   pieces=head * split, blocks_per_piece=blocks_per_piece // split, has_s0=False,
-                  head_offset=head_offset, **common)
+                  head_offset=head_offset, has_segments=bool(segments), **common)
     adds = _split_sums(adds, rates, pieces=head, split=split, sub_span=span // split, reverse=False)
     age = jnp.exp(-rates.astype(jnp.float32) * span)[:, None, None]
     start = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
+    carry = jnp.ones((head, batch), jnp.float32)
+    if segment_ids is not None:
+        ends = jnp.arange(1, pieces) * span - 1  # pieces 0 .. P-2: their last tokens
+        before = jnp.maximum(ends - span, 0)  # and the token before each (the first token for piece 0)
+        carry = (segment_ids[:, ends] == segment_ids[:, before]).astype(jnp.float32).T
 
-    def link(state, add):
-        return age * state + add, state
+    def link(state, add_carry):
+        add, c = add_carry
+        return c[:, None, None, None] * age * state + add, state
 
-    _, starts = lax.scan(link, start, jnp.moveaxis(adds, 1, 0))  # starts of pieces 0 .. pieces - 2
-    last_start = age * starts[-1] + adds[:, -1]
+    last_start, starts = lax.scan(link, start, (jnp.moveaxis(adds, 1, 0), carry))  # pieces 0 .. P-2, then P-1
     return jnp.concatenate([jnp.moveaxis(starts, 0, 1), last_start[:, None]], axis=1)
 
 
 def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_piece, split, shape, real_blocks,
-                    head_offset, **common):
+                    head_offset, segments, segment_ids, **common):
     """The reverse sweep's start state of each piece, fp32 [batch, pieces, heads, dk, dv].
 
     Piece p starts from G_(p+1): the later tokens' terms aged to piece p + 1's first token. The last
@@ -829,23 +852,34 @@ def _reverse_starts(k, v, kdec, sdec, rates, s_in, *, time, pieces, blocks_per_p
     each piece but the first from zero, A_p = sum over its tokens s of scale lambda^(s - first)
     k_s^T v_s (the reverse tables); then G_(P-1) = lambda^(n - 1 - first_(P-1)) S_in + A_(P-1)
     and G_p = lambda^(span) G_(p+1) + A_p for the whole pieces before it. With `split` the first
-    kernel sums sub-pieces (`_split_sums`)."""
+    kernel sums sub-pieces (`_split_sums`).
+
+    Packed documents: A_p holds the document of the piece's first token only, and a state carries
+    through piece p only where its first token and the token after it (for the last piece, the
+    row's last token, where S_in enters) are in one document."""
     batch, _, heads, dk, dv = shape
     span = blocks_per_piece * common["block"]
     adds = _sweep(  # pieces 1 .. P-1: the block kinds count from the cut (real_blocks less one piece)
-        [k, v, kdec, sdec], outputs=False, shape=shape, pieces=(pieces - 1) * split,
+        [k, v, kdec, sdec] + segments, outputs=False, shape=shape, pieces=(pieces - 1) * split,
         blocks_per_piece=blocks_per_piece // split, real_blocks=real_blocks - blocks_per_piece, has_s0=False,
-        reverse=True, head_offset=head_offset, block_offset=blocks_per_piece, **common,
+        reverse=True, head_offset=head_offset, block_offset=blocks_per_piece, has_segments=bool(segments), **common,
     )
     adds = _split_sums(adds, rates, pieces=pieces - 1, split=split, sub_span=span // split, reverse=True)
     rates = rates.astype(jnp.float32)[:, None, None]
+    carry = jnp.ones((pieces - 1, batch), jnp.float32)  # pieces 1 .. P-1
+    if segment_ids is not None:
+        firsts = jnp.arange(1, pieces) * span
+        after = jnp.minimum(firsts + span, time - 1)
+        carry = (segment_ids[:, firsts] == segment_ids[:, after]).astype(jnp.float32).T
     last = jnp.zeros((batch, heads, dk, dv), jnp.float32) if s_in is None else s_in
-    after_last = jnp.exp(-rates * (time - 1 - (pieces - 1) * span)) * last + adds[:, -1]
+    after_last = (carry[-1][:, None, None, None] * jnp.exp(-rates * (time - 1 - (pieces - 1) * span)) * last
+                  + adds[:, -1])
 
-    def link(state, add):  # state: G_(p+1), the start of piece p -> G_p, the start of piece p - 1
-        return jnp.exp(-rates * span) * state + add, state
+    def link(state, add_carry):  # state: G_(p+1), the start of piece p -> G_p, the start of piece p - 1
+        add, c = add_carry
+        return c[:, None, None, None] * jnp.exp(-rates * span) * state + add, state
 
-    first, middle = lax.scan(link, after_last, jnp.moveaxis(adds[:, :-1], 1, 0)[::-1])  # pieces P-2 .. 1
+    first, middle = lax.scan(link, after_last, (jnp.moveaxis(adds[:, :-1], 1, 0)[::-1], carry[:-1][::-1]))  # P-2 .. 1
     return jnp.concatenate([first[:, None], jnp.moveaxis(middle[::-1], 0, 1), last[:, None]], axis=1)
 
 

@@ -91,8 +91,8 @@ def lightning_attention_mosaic(
     Pallas-Triton one (`MosaicConfig.backward`; None chooses, `config.choose_backward`). Shapes as
     in `lightning_jax.attention.registry`; q, k, v bfloat16 or float16, dim_k <= 128 with two
     stages (<= 192 with `MosaicConfig(stages=1)`), any dim_v (the Mosaic backward: dim_v within the
-    same limit), any length. Segment ids (packed documents) run compiled for the GPU only, without
-    pieces and with the Mosaic backward (dim_v within the limit).
+    same limit), any length. Segment ids (packed documents) run compiled for the GPU only, with the
+    Mosaic backward (dim_v within the limit).
 
     `block_size`: None or 64 (the forward's block). `interpret`: True runs both backends in their
     interpret modes (any platform, slow), False compiles for the GPU, None interprets when the
@@ -121,8 +121,8 @@ def lightning_attention_mosaic(
     dim_v, sm_count = v.shape[-1], gpu_facts().sm_count
     pieces, rows = launch_plan(batch, time, heads, dim_v, sm_count)
     pieces = config.pieces or pieces
-    if segment_ids is not None:  # the kernels take documents whole sequences at a time, both ways
-        pieces, backward_kind = 1, "mosaic"
+    if segment_ids is not None:  # documents need the Mosaic backward (the Triton one reads no Mosaic chunk states)
+        backward_kind = "mosaic"
     elif config.backward is not None:
         backward_kind = config.backward
     elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
@@ -131,7 +131,7 @@ def lightning_attention_mosaic(
         backward_kind = choose_backward(batch, time, heads, dim_v, pieces, config.stages or 2, sm_count)
     rows = config.rows_per_program or rows
     tail_heads, tail_pieces = 0, 1
-    if segment_ids is None and config.tail_pieces != 1:
+    if config.tail_pieces != 1:
         tail_heads, tail_pieces = tail_plan(batch, time, heads, dim_v, pieces, rows, sm_count)
         tail_pieces = config.tail_pieces or tail_pieces
     split_heads, split_pieces = (tail_heads, tail_pieces) if tail_heads else (heads, pieces)
@@ -164,16 +164,16 @@ def lightning_attention_mosaic(
 
 
 def _check_segments(config, dim_v, stages_limit, interpret):
-    """Segment ids run the Mosaic kernels without pieces and the Mosaic backward, compiled."""
+    """Segment ids run the Mosaic kernels both ways, compiled."""
     if interpret:
         raise checks.ArgumentError(
             "segment_ids", "got segment ids with interpret mode; 'pallas_mosaic' runs them compiled for the GPU only "
             "(its backward would put three interpreted kernels in one program); use 'pallas_triton' to interpret"
         )
-    if config.pieces not in (None, 1) or config.backward == "triton" or config.gradients is not None:
+    if config.backward == "triton" or config.gradients is not None:
         raise checks.ArgumentError(
-            "segment_ids", f"got segment ids with MosaicConfig(pieces={config.pieces}, backward={config.backward!r}, "
-            "gradients=...); they run without pieces and with the Mosaic backward: leave those three unset"
+            "segment_ids", f"got segment ids with MosaicConfig(backward={config.backward!r}, gradients=...); they run "
+            "with the Mosaic backward: leave those two unset"
         )
     if dim_v > stages_limit:
         raise checks.ArgumentError(
