@@ -74,6 +74,8 @@ def main():
         errs = check_gradients(case)
         results["checks"].append({"case": list(case[:4]), "starts": list(case[4]), **errs, "ok": max(errs.values()) < 1e-2})
         log("check", results["checks"][-1])
+        if args.out:
+            json.dump(results, open(args.out, "w"), indent=1)
     start = time.monotonic()
     for shape in shapes:
         if args.deadline is not None and time.monotonic() - start > args.deadline:

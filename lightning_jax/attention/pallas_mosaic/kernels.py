@@ -639,7 +639,9 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
       segment_ids: optional [batch, time] integers, non-decreasing along each row: packed
         documents, as `reference.quadratic` defines them (attention within a document; the initial
         state reaches the first document, the final state is the last one's). Needs
-        warp_specialized, one piece and no chunk states.
+        warp_specialized and no chunk states; pieces and a tail link their pieces only across
+        pieces without a document start (`_forward_starts`, `_reverse_starts`), and sum whole
+        pieces (no `state_split`).
       block: tokens per block, a positive multiple of 64 (wgmma's M).
       scale: multiplies q (folded into the fp32 decay tables, q itself is never rescaled).
       pieces: cut each sequence into this many pieces of whole blocks that run as separate
