@@ -341,17 +341,18 @@ def test_segments_match_the_oracle(batch, time, cuts, kw, initial_state):
 
 # Pieces and a tail with documents: the piece links carry a state only across pieces without a
 # document start. 330 tokens are 6 blocks: 3 pieces of 128 tokens (the last ragged), or 2 of 192.
-@pytest.mark.parametrize("cuts,kw", [
-    ([[100, 192]], dict(pieces=3)),  # a start inside the first and inside the second piece
-    ([[128]], dict(pieces=3)),  # exactly at a piece's first token
-    ([[127, 129]], dict(pieces=3)),  # at a piece's last token, and at its second
-    ([[5]], dict(pieces=2)),  # every piece after the first inside one document
-    ([[64, 65, 300]], dict(tail_heads=2, tail_pieces=3)),  # the tail's pieces
+@pytest.mark.parametrize("time,cuts,kw", [
+    (330, [[100, 192]], dict(pieces=3)),  # a start inside the first and inside the second piece
+    (330, [[128]], dict(pieces=3)),  # exactly at a piece's first token
+    (330, [[127, 129]], dict(pieces=3)),  # at a piece's last token, and at its second
+    (330, [[5]], dict(pieces=2)),  # every piece after the first inside one document
+    (330, [[64, 65, 300]], dict(tail_heads=2, tail_pieces=3)),  # the tail's pieces
+    (1000, [[300, 700]], dict(pieces=2, state_split=2)),  # pieces of 8 blocks: documents sum them whole
 ])
-def test_segments_with_pieces_match_the_oracle(cuts, kw):
-    q, k, v, s_in = _inputs(1, 330, 3, 64, 64, seed=5)
+def test_segments_with_pieces_match_the_oracle(time, cuts, kw):
+    q, k, v, s_in = _inputs(1, time, 3, 64, 64, seed=5)
     rates = jnp.array([0.001, 0.3, 0.01])  # slow decays: the carried states matter
-    seg = _segments(1, 330, cuts, seed=1)
+    seg = _segments(1, time, cuts, seed=1)
     o, final = _run(q, k, v, rates, s_in, seg, warp_specialized=True, **kw)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     want_o, want_final = reference.quadratic(*up, rates, s_in, segment_ids=seg)
