@@ -656,8 +656,8 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         cut into `tail_pieces` pieces (as `pieces` does), after the other heads' launch, writing
         into the same o. For grids whose last wave of programs would leave most SMs idle (one
         program fits an SM): 1 x 8,192 x 96 x 128 is 192 programs on 132 SMs; as 132 whole rows
-        and then 60 in halves (120 programs), the second wave takes half as long. Needs one piece,
-        no chunk states and no segment ids; `state_split` then applies to the tail.
+        and then 60 in halves (120 programs), the second wave takes half as long. Needs one piece
+        and no chunk states; `state_split` then applies to the tail.
       stages: 1 loads a block's q, k, v and then computes; 2 loads the next block while computing;
         3 (three warpgroups only) the next two. 2 and 3 need dim_k <= 128; 3 fits in shared memory
         with both register forms (`scores_in_registers`, `update_in_registers`) only.
