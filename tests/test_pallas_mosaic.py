@@ -281,6 +281,20 @@ def test_reverse_sweep_and_backward_with_a_tail():
         assert _rel_per_head(a, b, 2 if name != "d_initial_state" else 1) < 1e-2, name
 
 
+def test_tail_under_vmap():
+    """vmap over the kernels with a tail (o is a mutable buffer inside): each slice is the
+    one-launch result."""
+    q, k, v, _ = _inputs(1, 200, 3, 64, 64, seed=3)
+    rates = jnp.array([0.3, 0.001, 0.01])
+    qs, ks, vs = (jnp.stack([x, x[:, ::-1]]) for x in (q, k, v))
+    tail = lambda q, k, v: forward(q, k, v, rates, tail_heads=1, tail_pieces=2, warp_specialized=True,
+                                   interpret=INTERPRET)
+    got = jax.block_until_ready(jax.vmap(tail)(qs, ks, vs))
+    for i in range(2):
+        o, final = _run(qs[i], ks[i], vs[i], rates, warp_specialized=True)
+        assert _rel_per_head(got[0][i], o, 2) < 1e-2 and _rel_per_head(got[1][i], final, 1) < 1e-4
+
+
 def test_tail_refuses_what_it_cannot_run():
     q, k, v, _ = _inputs(1, 256, 2, 64, 64)
     rates = jnp.zeros((2,))
