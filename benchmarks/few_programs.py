@@ -61,10 +61,12 @@ def main():
     ap.add_argument("--deadline", type=float, default=None, help="no new shape after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    def shape_list(text):  # "BxTxHxD,..." -> [(B, T, H, D), ...]
+        return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
+
+    shapes = SHAPES if args.shapes is None else shape_list(args.shapes)
     starts = tuple(int(x) for x in args.check_starts.split(",") if x)
-    checks = CHECKS if args.check_shapes is None else [
-        (*(int(x) for x in s.split("x")), starts) for s in args.check_shapes.split(",")]
+    checks = CHECKS if args.check_shapes is None else [(*shape, starts) for shape in shape_list(args.check_shapes)]
     names = [n for n in args.variants.split(",") if n]
     for name in names:
         if name not in VARIANTS:
