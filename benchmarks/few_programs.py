@@ -6,11 +6,12 @@ and without the tail launch (`config.tail_plan`). Forward and forward + backward
 attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
 output, final state and four gradients against the fp32 quadratic form at two half-grid shapes
 (one with the Triton backward, one with the Mosaic backward), or at --check-shapes, with packed
-documents starting at --check-starts (through "pallas_mosaic").
+documents starting at --check-starts (through "pallas_mosaic"). With --document-length L the
+timings run packed documents of L tokens (segment ids t // L; jla, which has none, is skipped).
 
     PYTHONPATH=$PWD python3 benchmarks/few_programs.py [--check] [--check-shapes 1x4099x96x128,...]
         [--check-starts 100,2048] [--shapes 2x2048x16x128,... or "" for none] [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla]
-        [--deadline S] [--out F.json]
+        [--document-length L] [--deadline S] [--out F.json]
 
 Data: docs/attention_mosaic_few_programs_h200.json (variants pallas_triton, mosaic_whole,
 mosaic_pieces, jla; `pallas_triton` there is named `triton`), docs/attention_mosaic_half_grid_h200.json
@@ -40,14 +41,15 @@ CHECKS = [(2, 3000, 16, 128, ()), (2, 2000, 16, 128, ())]  # 64 programs: 47 blo
 VARIANTS = ["pallas", "pallas_triton", "mosaic_whole", "mosaic_pieces", "mosaic", "mosaic_no_tail", "jla"]
 
 
-def variant(name, rates, shape):
-    """The forward of one variant, (q, k, v) -> o; None where it does not run."""
+def variant(name, rates, shape, segment_ids=None):
+    """The forward of one variant, (q, k, v) -> o; None where it does not run (jla with documents)."""
     if name in ("pallas", "pallas_triton"):
-        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation=name)
+        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation=name, segment_ids=segment_ids)
     if name.startswith("mosaic"):  # mosaic_pieces and mosaic: the Mosaic op's own launch plan
         config = {"mosaic_whole": MosaicConfig(pieces=1), "mosaic_no_tail": MosaicConfig(tail_pieces=1)}.get(name)
-        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config)
-    return jax_variants(shape, rates).get(name)
+        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config,
+                                                   segment_ids=segment_ids)
+    return None if segment_ids is not None else jax_variants(shape, rates).get(name)
 
 
 def main():
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--check-shapes", default=None, help="comma-separated BxTxHxD for --check (default: two half grids)")
     ap.add_argument("--check-starts", default="", help="comma-separated token positions where documents start in "
                     "the --check-shapes cases (segment ids; none by default)")
+    ap.add_argument("--document-length", type=int, default=None,
+                    help="time packed documents of this many tokens (segment ids t // L)")
     ap.add_argument("--deadline", type=float, default=None, help="no new shape after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -71,7 +75,10 @@ def main():
     for name in names:
         if name not in VARIANTS:
             raise SystemExit(f"--variants: got {name!r}, expected names from {VARIANTS}")
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {}}
+    if args.document_length is not None and args.document_length < 1:
+        raise SystemExit(f"--document-length: got {args.document_length}, expected a positive number of tokens")
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "checks": [], "times": {},
+               "document_length": args.document_length}
     for case in checks if args.check else []:
         errs = check_gradients(case)
         results["checks"].append({"case": list(case[:4]), "starts": list(case[4]), **errs, "ok": max(errs.values()) < 1e-2})
@@ -86,9 +93,12 @@ def main():
         rates = jnp.asarray(alibi_slopes(shape[2]), jnp.float32)
         keys = jax.random.split(jax.random.PRNGKey(3), 8)
         arg_sets = [tuple(jax.random.normal(keys[4 * s + i], shape, jnp.bfloat16) for i in range(4)) for s in range(2)]
+        segment_ids = None
+        if args.document_length is not None:
+            segment_ids = jnp.broadcast_to(jnp.arange(shape[1]) // args.document_length, shape[:2]).astype(jnp.int32)
         row = {}
         for name in names:
-            f = variant(name, rates, shape)
+            f = variant(name, rates, shape, segment_ids)
             if f is None:
                 continue
 
