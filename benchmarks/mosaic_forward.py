@@ -9,9 +9,8 @@ it covers the call), the Triton kernels ("pallas_triton"), jla's Mosaic GPU forw
 A variant name is s (one warpgroup) or w (three), the stages, p and the pieces per sequence, g and
 the rows per program; then optionally x and a count (cut each piece into that many sub-pieces in
 the first kernel, `state_split`), r (the masked scores multiplied by V from registers) and u (the
-state update's K^T diag(kdec) from registers) and o (the bf16 state published while the update's
-wgmma runs, `overlap_publish`). r, u and o are the kernels' defaults on the GPU, so a name without
-the letter times the form without it; all three need three warpgroups. Examples: w2p4g1,
+state update's K^T diag(kdec) from registers). r and u are the kernels' defaults on the GPU, so a
+name without the letter times the staged form; both need three warpgroups. Examples: w2p4g1,
 w2p1g1ru, w2p4g1x2ru; prefixed with b: (b:w2p1g1ru) the variant times the Mosaic backward
 (`kernels.backward`, its three sweeps) instead of the forward. Timing as in attention.py:
 back-to-back calls with one sync per batch of calls, medians of 9. The other rows are the forward
@@ -67,9 +66,8 @@ SEGMENT_CHECKS = [(2, 1000, 4, 128, (1, 64, 300, 999)), (1, 4096, 2, 64, (100, 2
 STAGE3_GRADIENT_CHECKS = [(2, 1000, 4, 128, ()), (1, 4096, 2, 64, ())]
 # name: s (one warpgroup) or w (warp-specialised), stages; p pieces; g rows per program; then r:
 # the masked scores multiplied by V from registers (scores_in_registers), u: the state update's
-# K^T diag(kdec) from registers (update_in_registers), o: the bf16 state published during the
-# update's wgmma (overlap_publish); three warpgroups only
-VARIANT_NAME = re.compile(r"(b:)?([sw])([123])p(\d+)g(\d+)(?:x(\d+))?([ruo]*)")
+# K^T diag(kdec) from registers (update_in_registers); three warpgroups only
+VARIANT_NAME = re.compile(r"(b:)?([sw])([123])p(\d+)g(\d+)(?:x(\d+))?([ru]*)")
 VARIANTS = ["s2p1g1", "w2p1g1", "w2p1g2", "w2p1g4", "w2p1g16", "w2p2g1", "w2p4g1", "w2p8g1", "w2p8g2",
             "w2p1g1r", "w2p4g1r", "w2p1g1ru"]
 
@@ -157,14 +155,13 @@ def time_shape(shape, variants):
             raise SystemExit(f"--variants: got {name!r}, expected a name such as w2p4g1, w2p4g1x2ru or b:w2p1g1r")
         grads, kind, stages, pieces, rows, split, flags = parsed.groups()
         grads, ws, stages, pieces, rows = bool(grads), kind == "w", int(stages), int(pieces), int(rows)
-        split, registers, update, overlap = int(split or 1), "r" in flags, "u" in flags, "o" in flags
+        split, registers, update = int(split or 1), "r" in flags, "u" in flags
         if pieces > 1 and (blocks // pieces < 4 or programs >= 256):
             continue
         if rows > 1 and (batch * pieces < 4 * rows or time > 4096):
             continue
         options = dict(pieces=pieces, stages=stages, rows_per_program=rows, warp_specialized=ws,
-                       scores_in_registers=registers, update_in_registers=update, state_split=split,
-                       overlap_publish=overlap)
+                       scores_in_registers=registers, update_in_registers=update, state_split=split)
         if grads:  # the Mosaic backward alone (three sweeps), v standing in for dO
             fn = jax.jit(lambda q, k, v, o=options: backward(q, k, v, rates, None, v, None, **o)[:3])
         else:

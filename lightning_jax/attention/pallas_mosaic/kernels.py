@@ -56,33 +56,28 @@ def _smem_operand(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(_SWIZZLE)))
 
 
-def _mm(a_ref, b_ref, during=None):
+def _mm(a_ref, b_ref):
     """fp32 a @ b of two shared-memory operands (either may be a `.transpose((1, 0))` view).
 
     The one place matmuls are issued: wgmma(smem, smem) into a fresh accumulator, then read back
-    to registers (the read waits for the wgmma). Supported both on the GPU and in interpret mode.
-    `during()`, if given, runs between the issue and the read, while the tensor cores work."""
+    to registers (the read waits for the wgmma). Supported both on the GPU and in interpret mode."""
     m, n = a_ref.shape[0], b_ref.shape[1]
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a_ref, b_ref)
-        if during is not None:
-            during()
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
 
 
-def _mm_registers(a, b_ref, during=None):
+def _mm_registers(a, b_ref):
     """fp32 a @ b with a in registers (16-bit, WGMMA layout) and b in shared memory: wgmma reads A
     from registers, so a needs no shared-memory staging. GPU only: interpret mode has no rule for
-    this form. `during` as `_mm`'s."""
+    this form."""
     m, n = a.shape[0], b_ref.shape[1]
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b_ref)
-        if during is not None:
-            during()
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC((m, n), jnp.float32))
@@ -295,8 +290,7 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
 
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
-               scores_in_registers=False, update_in_registers=False, has_segments=False, head_offset=0,
-               overlap_publish=False):
+               scores_in_registers=False, update_in_registers=False, has_segments=False, head_offset=0):
     """The forward with three warpgroups, each running its own loop over the program's blocks:
 
     - memory (wg 2): TMA-streams q, k, v of block n into slot n % stages once both compute
@@ -373,42 +367,32 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                     _store_chunk_state(s, g, b, chunk_blocks=chunk_blocks, real_blocks=real_blocks, rs_ref=rs_ref,
                                        st_s=st_s, sdec_s=sdec_s, h=hs, cols=cols)
 
-                def publish(s=s):  # bf16(S) before block n, for the output warpgroup
-                    @pl.when(n >= 2)
-                    def _():
-                        plgpu.barrier_wait(free.at[n % 2])
+                @pl.when(n >= 2)
+                def _():
+                    plgpu.barrier_wait(free.at[n % 2])
 
-                    r_s.at[n % 2][...] = s.astype(dt)
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(ready.at[n % 2])
-
-                if not overlap_publish:
-                    publish()
+                r_s.at[n % 2][...] = s.astype(dt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready.at[n % 2])
                 plgpu.barrier_wait(full.at[3 * slot + 1])
                 plgpu.barrier_wait(full.at[3 * slot + 2])
-                keep = None
                 if has_segments:  # keep the state only within its document; add the block's last one
                     plgpu.barrier_wait(seg_full.at[slot])
-                    keep = seg_s[slot, 4, 0]
-                # With `overlap_publish` the publication runs while the update's wgmma does.
-                during = publish if overlap_publish else None
+                    s = s * seg_s[slot, 4, 0]
                 if update_in_registers:  # A = K^T diag(lambda^(m-1-a)) from registers: no staging
                     kt = plgpu.load(k_s.at[slot].transpose((1, 0)), layout=wgmma).astype(jnp.float32)
                     kdec_cols = _block_kdec_columns(kdec_s, g, real_blocks)
                     if has_segments:
                         kdec_cols = kdec_cols * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(0))
                     kdec_cols = lax.broadcast_in_dim(kdec_cols, kt.shape, [1])
-                    add = _mm_registers((kt * kdec_cols).astype(dt), v_s.at[slot], during)
+                    s = s * _rows(sdec, s.shape) + _mm_registers((kt * kdec_cols).astype(dt), v_s.at[slot])
                 else:
                     if has_segments:
                         kdec = kdec * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(1))
                     v = plgpu.load(v_s.at[slot], layout=wgmma).astype(jnp.float32)
                     vs_s[...] = (v * _rows(kdec, v.shape)).astype(dt)  # diag(lambda^(m-1-a)) V
                     plgpu.commit_smem()
-                    add = _mm(k_s.at[slot].transpose((1, 0)), vs_s, during)
-                if keep is not None:
-                    s = s * keep
-                s = s * _rows(sdec, s.shape) + add
+                    s = s * _rows(sdec, s.shape) + _mm(k_s.at[slot].transpose((1, 0)), vs_s)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return s
 
@@ -585,8 +569,7 @@ def _interpret_params(interpret):
 
 def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block, stages, rows_per_program,
            has_s0, warp_specialized, interpret, chunk_blocks=None, reverse=False, scores_in_registers=False,
-           update_in_registers=False, has_segments=False, head_offset=0, o_into=None, block_offset=0,
-           overlap_publish=False):
+           update_in_registers=False, has_segments=False, head_offset=0, o_into=None, block_offset=0):
     """One kernel launch over (value tiles, heads, groups of rows), a row being one piece of one
     sequence. Returns (o, states) or states, states fp32 [batch, pieces, heads, dim_k, dim_v]: each
     piece's state after its last block; with `chunk_blocks` (outputs only) also the chunk states
@@ -614,8 +597,7 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
         common["block_offset"] = block_offset
     if warp_specialized:
         kernel = functools.partial(_kernel_ws, scores_in_registers=scores_in_registers,
-                                   update_in_registers=update_in_registers, has_segments=has_segments,
-                                   overlap_publish=overlap_publish, **common)
+                                   update_in_registers=update_in_registers, has_segments=has_segments, **common)
     else:
         assert not (has_segments and outputs), "segment ids: outputs from the three-warpgroup kernel only"
         kernel = functools.partial(_kernel, outputs=outputs, has_segments=has_segments, **common)
@@ -643,13 +625,11 @@ def _sweep(args, *, outputs, shape, pieces, blocks_per_piece, real_blocks, block
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "pieces", "stages", "rows_per_program", "warp_specialized",
                                              "interpret", "chunk", "reverse", "scores_in_registers",
-                                             "update_in_registers", "state_split", "tail_heads", "tail_pieces",
-                                             "overlap_publish"))
+                                             "update_in_registers", "state_split", "tail_heads", "tail_pieces"))
 def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int = 64, scale: float = 1.0, pieces: int = 1,
             stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
             chunk: int | None = None, reverse: bool = False, scores_in_registers: bool | None = None,
-            update_in_registers: bool | None = None, state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1,
-            overlap_publish: bool = True):
+            update_in_registers: bool | None = None, state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1):
     """Causal linear attention with a constant per-head decay lambda_h = exp(-rates[h]).
 
     Args:
@@ -709,8 +689,6 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
         shared memory. GPU only, needs warp_specialized. None (the default): on wherever it can
         run, like scores_in_registers; on an H200 with it the forward took 0.349 against 0.355 ms
         at 4 x 16,384 x 16 x 128 and 0.365 against 0.372 at 64 x 1,024 x 16 x 128 (docs/kernels.md).
-      overlap_publish: the three-warpgroup kernel's state warpgroup stores bf16(S) for the output
-        warpgroup while the state update's wgmma runs, instead of before issuing it.
 
     Returns:
       (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]),
@@ -797,8 +775,7 @@ def forward(q, k, v, rates, initial_state=None, segment_ids=None, *, block: int 
             shape=shape, pieces=n, blocks_per_piece=blocks_per_piece, has_s0=start is not None,
             chunk_blocks=None if chunk is None else chunk // block, reverse=reverse,
             scores_in_registers=scores_in_registers, update_in_registers=update_in_registers,
-            has_segments=segment_ids is not None, head_offset=first, o_into=o_into,
-            overlap_publish=overlap_publish, **common,
+            has_segments=segment_ids is not None, head_offset=first, o_into=o_into, **common,
         )
         if o_into is None:
             o, states, *chunk_states = out
@@ -912,7 +889,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
              pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
              scores_in_registers: bool | None = None, update_in_registers: bool | None = None,
-             state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1, overlap_publish: bool = True):
+             state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -930,7 +907,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
                   update_in_registers=update_in_registers, state_split=state_split, tail_heads=tail_heads,
-                  tail_pieces=tail_pieces, overlap_publish=overlap_publish)
+                  tail_pieces=tail_pieces)
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
