@@ -9,9 +9,10 @@ read-once design would. Two ways:
 
 - `global`: each program writes its state to global memory by TMA (it lands in L2), the cluster
   meets at a cluster barrier, each program TMA-loads the P states. Runs in GPU interpret mode.
-- `fenced`: as `global`, with `fence.proxy.async.global` after the store completes and after the
-  barrier (TMA copies run in the async proxy, the barrier in the generic one: without the fences
-  another SM may read a stale state; interpret mode skips them).
+- `fenced`: as `global`, with `fence.proxy.async.global` and `fence.acq_rel.cluster` after the store
+  completes and after the barrier (TMA copies run in the async proxy, the barrier in the generic
+  one, and its remote arrive releases at CTA scope only: without the fences another SM may read
+  a stale state; interpret mode skips them).
 - `none`: the same copies without the barrier (the copies' cost alone; the data read is stale).
 
 Per round and program: 32 KB out, P x 32 KB in. The kernel's time over `rounds` gives the time
@@ -43,12 +44,12 @@ from jaxlib.mlir.dialects import llvm
 DIM_K, TILE = 128, 64
 
 
-def _fence_async_global():
-    """Orders the async proxy's (TMA's) global-memory accesses with the generic proxy's."""
+def _fence(asm):
+    """Inline PTX fences (the GPU only; interpret mode skips them)."""
 
     @plgpu.inline_mgpu()
     def fence(_):
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.global;", "", has_side_effects=True)
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], asm, "", has_side_effects=True)
 
     fence()
 
@@ -70,13 +71,16 @@ def exchange(x, *, size, rounds, sync=True, fenced=False, interpret=False):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(mine, board_ref.at[c, slot, p])
             plgpu.wait_smem_to_gmem(0)
+            # The cluster barrier's remote arrive is a CTA-scope release: it orders nothing for
+            # another SM. A cluster-scope fence on each side does, and the proxy fence orders
+            # the TMA copies (async proxy) with it.
             if fenced:
-                _fence_async_global()
+                _fence("fence.proxy.async.global; fence.acq_rel.cluster;")
             if sync:
                 plgpu.barrier_arrive(meet)
                 plgpu.barrier_wait(meet)
             if fenced:
-                _fence_async_global()
+                _fence("fence.acq_rel.cluster; fence.proxy.async.global;")
             for q in range(size):
                 plgpu.copy_gmem_to_smem(board_ref.at[c, slot, q], peers.at[q], loaded.at[1 + q])
             for q in range(size):
