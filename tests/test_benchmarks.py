@@ -110,6 +110,44 @@ def test_few_programs_script_runs_on_cpu(monkeypatch, capsys):
         few_programs.main()
 
 
+def test_few_programs_times_packed_documents(monkeypatch):
+    # --document-length L: every variant gets segment ids t // L (checked against the oracle on the
+    # timed inputs), and jla, which has no documents, is skipped.
+    import few_programs
+
+    errors = []
+
+    def run_once(fn, sets):
+        q, k, v, _ = sets[0]
+        out = jax.block_until_ready(fn(*sets[0]))
+        if not isinstance(out, tuple):  # the forward (the other call is forward + backward)
+            rates = jnp.asarray(few_programs.alibi_slopes(q.shape[2]), jnp.float32)
+            ids = jnp.broadcast_to(jnp.arange(q.shape[1]) // 64, q.shape[:2])
+            want, _ = reference.quadratic(*(x.astype(jnp.float32) for x in (q, k, v)), rates, None, segment_ids=ids)
+            errors.append(float(jnp.linalg.norm(out.astype(jnp.float32) - want) / jnp.linalg.norm(want)))
+        return 1e-3
+
+    monkeypatch.setattr(few_programs, "time_jax", run_once)
+    monkeypatch.setattr(sys, "argv", ["few_programs.py", "--shapes", "1x200x2x64", "--document-length", "64",
+                                      "--variants", "pallas_triton,jla"])
+    few_programs.main()
+    assert len(errors) == 1 and errors[0] < 1e-2
+    with pytest.raises(SystemExit, match="--document-length: got 0"):
+        monkeypatch.setattr(sys, "argv", ["few_programs.py", "--document-length", "0"])
+        few_programs.main()
+
+
+def test_cluster_exchange_meets_and_lowers():
+    # benchmarks/cluster_exchange.py: in interpret mode every program of a cluster ends with its
+    # cluster's mean (the barrier orders the rounds), and the fenced kernel lowers for sm_90.
+    import cluster_exchange
+
+    assert cluster_exchange.check(size=2, rounds=3) < 1e-6
+    x = jax.ShapeDtypeStruct((4, 4, cluster_exchange.DIM_K, cluster_exchange.TILE), jnp.float32)
+    lowered = jax.jit(lambda x: cluster_exchange.exchange(x, size=4, rounds=2, fenced=True)).trace(x)
+    assert lowered.lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 1
+
+
 def test_generation_speed_tiny_runs_every_cell(tmp_path):
     # benchmarks/generation_speed.py --tiny end to end (both models, TNL's chunked prefill, the
     # fp32-parameter and unscanned variants; generate() checked against the timed programs), in
