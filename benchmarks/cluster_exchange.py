@@ -5,7 +5,7 @@ is designed around.
 Each cluster of P programs (one per SM) stands for one (head, value tile) chain cut into P
 segments. In every round each program publishes a [dim_k, 64] fp32 state (32 KB at dim_k 128,
 what one segment adds to the chain's state), then takes all P of them back, as a window of the
-read-once design would. Two ways:
+read-once design would. The ways:
 
 - `global`: each program writes its state to global memory by TMA (it lands in L2), the cluster
   meets at a cluster barrier, each program TMA-loads the P states. Runs in GPU interpret mode.
@@ -14,13 +14,15 @@ read-once design would. Two ways:
   one, and its remote arrive releases at CTA scope only: without the fences another SM may read
   a stale state; interpret mode skips them).
 - `none`: the same copies without the barrier (the copies' cost alone; the data read is stale).
+- `dsmem`: each program stores its state into the others' shared memory (`async_store_smem`,
+  distributed shared memory, arriving on their barriers) and reads its own: no L2. GPU only.
 
 Per round and program: 32 KB out, P x 32 KB in. The kernel's time over `rounds` gives the time
 of one round: what a window of the read-once design adds to its critical path if nothing
 overlaps it. Prints one line per (way, P) and a table last; --out writes JSON.
 
     PYTHONPATH=$PWD python3 benchmarks/cluster_exchange.py [--clusters 32] [--sizes 2,4]
-        [--rounds 512] [--out F.json]
+        [--rounds 512] [--ways global,fenced,none,dsmem] [--out F.json]
     PYTHONPATH=$PWD python3 benchmarks/cluster_exchange.py --check   # interpret mode, any machine
 """
 
@@ -115,6 +117,57 @@ def exchange(x, *, size, rounds, sync=True, fenced=False, interpret=False):
     return out
 
 
+def exchange_dsmem(x, *, size, rounds, arrivals=128):
+    """As `exchange`, but each program stores its state straight into the other programs' shared
+    memory (`async_store_smem`, distributed shared memory: no L2) and waits on its own barriers.
+    GPU only: interpret mode has no rule for it. `arrivals`: the receiving barrier's count; every
+    thread of the sending warpgroup arrives with its share of the bytes."""
+    clusters = x.shape[0]
+    wgmma = plgpu.Layout.WGMMA
+    others = size - 1
+
+    def kernel(x_ref, out_ref, inbox, recv, loaded, meet):
+        c, p = lax.axis_index("c"), lax.axis_index("p")
+        # inbox[slot, j]: the state of program (p + 1 + j) % size. x comes in through a slot
+        # that round 1 fills first (a peer's round 1 follows our round 0).
+        plgpu.copy_gmem_to_smem(x_ref.at[c, p], inbox.at[1, 0], loaded)
+        plgpu.barrier_wait(loaded)
+        s = plgpu.load(inbox.at[1, 0], (), layout=wgmma)
+
+        def round_(r, s):
+            slot = r % 2  # a peer refills the slot two rounds on, after it has this round's state from us
+            for d in range(1, size):  # to program q = p + d, into its slot for the sender q + (size - d)
+                plgpu.async_store_smem(s, inbox.at[slot, size - d - 1], recv.at[slot * others + size - d - 1],
+                                       cluster_idx=(p + d) % size, cluster_dim="p")
+            total = s
+            for j in range(others):
+                plgpu.barrier_wait(recv.at[slot * others + j])
+                total = total + plgpu.load(inbox.at[slot, j], (), layout=wgmma)
+            return total * (1.0 / size)
+
+        s = lax.fori_loop(0, rounds, round_, s)
+        plgpu.barrier_arrive(meet)  # nobody leaves while a peer may still write into its shared memory
+        plgpu.barrier_wait(meet)
+        inbox.at[0, 0][...] = s
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(inbox.at[0, 0], out_ref.at[c, p])
+        plgpu.wait_smem_to_gmem(0)
+
+    fp32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+    def scoped(x_ref, out_ref):
+        pl.run_scoped(
+            functools.partial(kernel, x_ref, out_ref),
+            plgpu.SMEM((2, others, DIM_K, TILE), jnp.float32, transforms=fp32_tiles),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=2 * others),
+            plgpu.Barrier(),
+            plgpu.ClusterBarrier(collective_axes=("p",)),
+        )
+
+    return plgpu.kernel(scoped, out_type=jax.ShapeDtypeStruct(x.shape, jnp.float32), grid=(clusters,),
+                        grid_names=("c",), cluster=(size,), cluster_names=("p",))(x)
+
+
 def check(size=2, rounds=3):
     """Interpret mode: after any round with the barrier, every program holds its cluster's mean."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, size, DIM_K, TILE), jnp.float32)
@@ -130,6 +183,7 @@ def main():
     ap.add_argument("--clusters", type=int, default=32, help="clusters (chains); 32 x 4 programs fill an H200")
     ap.add_argument("--sizes", default="2,4", help="comma-separated cluster sizes P")
     ap.add_argument("--rounds", type=int, default=512)
+    ap.add_argument("--ways", default="global,fenced,none,dsmem", help="comma-separated: global, fenced, none, dsmem")
     ap.add_argument("--check", action="store_true", help="interpret mode only (no GPU needed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -141,8 +195,12 @@ def main():
     for size in (int(s) for s in args.sizes.split(",")):
         x = jax.random.normal(jax.random.PRNGKey(0), (args.clusters, size, DIM_K, TILE), jnp.float32)
         want = np.broadcast_to(np.asarray(x).mean(axis=1, keepdims=True), x.shape)
-        for way, sync, fenced in (("global", True, False), ("fenced", True, True), ("none", False, False)):
-            fn = jax.jit(functools.partial(exchange, size=size, rounds=args.rounds, sync=sync, fenced=fenced))
+        ways = {"global": functools.partial(exchange, sync=True), "fenced": functools.partial(exchange, fenced=True),
+                "none": functools.partial(exchange, sync=False), "dsmem": exchange_dsmem}
+        for way in args.ways.split(","):
+            if way not in ways:
+                raise SystemExit(f"--ways: got {way!r}, expected names from {sorted(ways)}")
+            fn = jax.jit(functools.partial(ways[way], size=size, rounds=args.rounds))
             row = {"way": way, "size": size}
             try:
                 out = jax.block_until_ready(fn(x))
@@ -160,7 +218,7 @@ def main():
             if args.out:
                 json.dump(results, open(args.out, "w"), indent=1)
     print(f"\n{args.clusters} clusters, {args.rounds} rounds, 32 KB out and P x 32 KB in per program per round")
-    print("way    | P | us per round | max error (global, fenced: 0 when every read saw the round's states)")
+    print("way    | P | us per round | max error (0 when every read saw the round's states)")
     for row in results["rows"]:
         print(f"{row['way']:6s} | {row['size']} | {row.get('us_per_round', float('nan')):.3f} | "
               f"{row.get('max_error', row.get('error'))}")
