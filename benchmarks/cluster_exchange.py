@@ -132,7 +132,9 @@ def exchange_dsmem(x, *, size, rounds, arrivals=128):
         # that round 1 fills first (a peer's round 1 follows our round 0).
         plgpu.copy_gmem_to_smem(x_ref.at[c, p], inbox.at[1, 0], loaded)
         plgpu.barrier_wait(loaded)
-        s = plgpu.load(inbox.at[1, 0], (), layout=wgmma)
+        s = plgpu.load(inbox.at[1, 0], layout=wgmma)
+        plgpu.barrier_arrive(meet)  # every program's barriers exist before anyone stores into them
+        plgpu.barrier_wait(meet)
 
         def round_(r, s):
             slot = r % 2  # a peer refills the slot two rounds on, after it has this round's state from us
@@ -142,7 +144,7 @@ def exchange_dsmem(x, *, size, rounds, arrivals=128):
             total = s
             for j in range(others):
                 plgpu.barrier_wait(recv.at[slot * others + j])
-                total = total + plgpu.load(inbox.at[slot, j], (), layout=wgmma)
+                total = total + plgpu.load(inbox.at[slot, j], layout=wgmma)
             return total * (1.0 / size)
 
         s = lax.fori_loop(0, rounds, round_, s)
