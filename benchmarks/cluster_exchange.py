@@ -186,6 +186,7 @@ def main():
     ap.add_argument("--sizes", default="2,4", help="comma-separated cluster sizes P")
     ap.add_argument("--rounds", type=int, default=512)
     ap.add_argument("--ways", default="global,fenced,none,dsmem", help="comma-separated: global, fenced, none, dsmem")
+    ap.add_argument("--dsmem-arrivals", type=int, default=128, help="dsmem: the receiving barrier's arrival count")
     ap.add_argument("--check", action="store_true", help="interpret mode only (no GPU needed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -198,7 +199,8 @@ def main():
         x = jax.random.normal(jax.random.PRNGKey(0), (args.clusters, size, DIM_K, TILE), jnp.float32)
         want = np.broadcast_to(np.asarray(x).mean(axis=1, keepdims=True), x.shape)
         ways = {"global": functools.partial(exchange, sync=True), "fenced": functools.partial(exchange, fenced=True),
-                "none": functools.partial(exchange, sync=False), "dsmem": exchange_dsmem}
+                "none": functools.partial(exchange, sync=False),
+                "dsmem": functools.partial(exchange_dsmem, arrivals=args.dsmem_arrivals)}
         for way in args.ways.split(","):
             if way not in ways:
                 raise SystemExit(f"--ways: got {way!r}, expected names from {sorted(ways)}")
