@@ -3,8 +3,8 @@ last wave of programs mostly idle): the Mosaic kernels on whole sequences (one p
 some SMs idle) against the Mosaic kernels with pieces, the Triton kernels, `"pallas"` (which
 chooses) and jla; `mosaic` and `mosaic_no_tail` are the Mosaic op with its own launch plan, with
 and without the tail launch (`config.tail_plan`), `mosaic_backward` the same with the Mosaic
-backward forced (where the plan cuts pieces it would take the Triton one). Forward and forward + backward, timed as
-attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
+backward forced (where the plan cuts pieces it would take the Triton one). Forward and forward +
+backward, timed as attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
 output, final state and four gradients against the fp32 quadratic form at two half-grid shapes
 (one with the Triton backward, one with the Mosaic backward), or at --check-shapes, with packed
 documents starting at --check-starts (through "pallas_mosaic"). With --document-length L the
