@@ -4,11 +4,12 @@ some SMs idle) against the Mosaic kernels with pieces, the Triton kernels, `"pal
 chooses) and jla; `mosaic` and `mosaic_no_tail` are the Mosaic op with its own launch plan, with
 and without the tail launch (`config.tail_plan`), `mosaic_backward` the same with the Mosaic
 backward forced (where the plan cuts pieces it would take the Triton one). Forward and forward +
-backward, timed as attention.py (back-to-back calls, one sync per batch, medians). With --check, first the op's
-output, final state and four gradients against the fp32 quadratic form at two half-grid shapes
-(one with the Triton backward, one with the Mosaic backward), or at --check-shapes, with packed
-documents starting at --check-starts (through "pallas_mosaic"). With --document-length L the
-timings run packed documents of L tokens (segment ids t // L; jla, which has none, is skipped).
+backward, timed as attention.py (back-to-back calls, one sync per batch, medians). With --check,
+first the op's output, final state and four gradients against the fp32 quadratic form at two
+half-grid shapes (one with the Triton backward, one with the Mosaic backward), or at
+--check-shapes, with packed documents starting at --check-starts (through "pallas_mosaic"). With
+--document-length L the timings run packed documents of L tokens (segment ids t // L; jla, which
+has none, is skipped).
 
     PYTHONPATH=$PWD python3 benchmarks/few_programs.py [--check] [--check-shapes 1x4099x96x128,...]
         [--check-starts 100,2048] [--shapes 2x2048x16x128,... or "" for none] [--variants pallas,pallas_triton,mosaic_whole,mosaic_pieces,jla]
@@ -68,6 +69,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=None, help="no new shape after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+
     def shape_list(text):  # "BxTxHxD,..." -> [(B, T, H, D), ...]
         return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
 
