@@ -148,6 +148,42 @@ def test_cluster_exchange_meets_and_lowers():
     assert lowered.lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 1
 
 
+@pytest.mark.parametrize("time,segments,window,races", [(300, 2, 2, True), (1000, 2, 4, True), (600, 4, 2, False)])
+def test_read_once_forward_matches_the_oracle(time, segments, window, races):
+    # benchmarks/read_once.py's kernel in GPU interpret mode: ragged lengths (300 and 1,000 tokens
+    # pad to whole windows), an initial state, a head without decay, one to four windows. At
+    # P = 4 the race detector flags each program's third U load of a boundary, which reuses the
+    # slot of its first after that one was read and released (u_free); the outputs match here and
+    # on the GPU, so that case runs without the detector.
+    import read_once
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    q, k = (jax.random.normal(keys[i], (1, time, 2, 64), jnp.bfloat16) for i in range(2))
+    v = jax.random.normal(keys[2], (1, time, 2, 64), jnp.bfloat16)
+    s_in = jax.random.normal(keys[3], (1, 2, 64, 64), jnp.float32)
+    rates = jnp.array([0.0, 0.05], jnp.float32)
+    params = plgpu.InterpretGPUParams(detect_races=races, inline_mgpu="ignore")
+    o, final = jax.block_until_ready(
+        read_once.forward_windows(q, k, v, rates, s_in, segments=segments, window=window, interpret=params))
+    want_o, want_final = reference.quadratic(*(x.astype(jnp.float32) for x in (q, k, v)), rates, s_in)
+    assert float(jnp.linalg.norm(o.astype(jnp.float32) - want_o) / jnp.linalg.norm(want_o)) < 1e-2
+    assert float(jnp.linalg.norm(final - want_final) / jnp.linalg.norm(want_final)) < 1e-3
+
+
+@pytest.mark.parametrize("segments,window,registers", [(4, 8, None), (2, 8, False)])
+def test_read_once_forward_lowers_for_sm90(segments, window, registers):
+    import read_once
+
+    q = jax.ShapeDtypeStruct((1, 4099, 2, 128), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 4099, 2, 64), jnp.bfloat16)
+    rates = jax.ShapeDtypeStruct((2,), jnp.float32)
+    s_in = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
+    fn = lambda q, k, v, r, s: read_once.forward_windows(q, k, v, r, s, segments=segments, window=window,  # noqa: E731
+                                                         update_in_registers=registers)
+    assert "mosaic_gpu" in jax.jit(fn).trace(q, q, v, rates, s_in).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_generation_speed_tiny_runs_every_cell(tmp_path):
     # benchmarks/generation_speed.py --tiny end to end (both models, TNL's chunked prefill, the
     # fp32-parameter and unscanned variants; generate() checked against the timed programs), in
