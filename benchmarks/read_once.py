@@ -44,8 +44,9 @@ and prints a table last.
     PYTHONPATH=$PWD python3 benchmarks/read_once.py [--check] [--shapes 1x65536x16x128,...]
         [--layouts 4x8,4x8s,2x8] [--peers pallas,jla] [--out F.json]
 
-A layout PxW is P programs per chain and W blocks per segment; a trailing s stages the state
-warpgroup's update operand in shared memory instead of taking it from registers.
+A layout PxW is P programs per chain and W blocks per segment; a suffix s stages the state
+warpgroup's update operand in shared memory instead of taking it from registers, and n (timing
+only, the output is wrong) skips the sums' arithmetic (`sum_arithmetic=False`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _entry(w, k, *, W, P):
 
 
 def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, W, P, windows, real_blocks,
-            dim_k, tile_v, stages, has_s0, scores_in_registers, update_in_registers):
+            dim_k, tile_v, stages, has_s0, scores_in_registers, update_in_registers, sum_arithmetic=True):
     refs = list(refs)
     s0_ref = refs.pop(0) if has_s0 else None
     o_ref, sf_ref, board_ref = refs
@@ -294,8 +295,14 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
                     publish_state(w * W + j, s)
                     s = update(n0 + 3 * j, s, seg_first(w) + j)
                     nxt = jnp.minimum(seg_first(w + 1) + 2 * j, last_block - 1)
-                    u = update(n0 + 3 * j + 1, u, nxt)
-                    u = update(n0 + 3 * j + 2, u, nxt + 1)
+                    for i in (1, 2):
+                        if sum_arithmetic:
+                            u = update(n0 + 3 * j + i, u, nxt + i - 1)
+                        else:  # (timing only: the sum blocks land and are released unread)
+                            slot = (n0 + 3 * j + i) % stages
+                            plgpu.barrier_wait(full.at[3 * slot + 1])
+                            plgpu.barrier_wait(full.at[3 * slot + 2])
+                            plgpu.barrier_arrive(consumed.at[slot])
                     return s, u
 
                 def late(j, s):
@@ -423,11 +430,11 @@ def _interpret_params(interpret):
     return interpret
 
 
-@functools.partial(jax.jit, static_argnames=("block", "scale", "segments", "window", "stages", "interpret",
+@functools.partial(jax.jit, static_argnames=("block", "scale", "segments", "window", "stages", "interpret", "sum_arithmetic",
                                              "scores_in_registers", "update_in_registers"))
 def forward_windows(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, segments: int = 4,
                     window: int = 8, stages: int = 2, interpret=False, scores_in_registers: bool | None = None,
-                    update_in_registers: bool | None = None):
+                    update_in_registers: bool | None = None, sum_arithmetic: bool = True):
     """Causal linear attention with a constant per-head decay, as `kernels.forward`, reading q, k,
     v from HBM once with `segments` programs per (value tile, head, sequence) chain in a cluster.
 
@@ -442,6 +449,8 @@ def forward_windows(q, k, v, rates, initial_state=None, *, block: int = 64, scal
       interpret: True or a `plgpu.InterpretGPUParams` (with inline_mgpu="ignore") runs GPU
         interpret mode; False compiles for the GPU.
       scores_in_registers, update_in_registers: as `kernels.forward`; None: on when compiling.
+      sum_arithmetic: False skips the sums' arithmetic (their blocks still load), for timing
+        only: the segments are then linked with zero sums, so o and the final state are wrong.
 
     Returns (o [batch, time, heads, dim_v] in q's dtype, final_state fp32 [batch, heads, dim_k, dim_v]).
     """
@@ -486,7 +495,7 @@ def forward_windows(q, k, v, rates, initial_state=None, *, block: int = 64, scal
     kernel = functools.partial(
         _kernel, block=block, W=window, P=segments, windows=windows, real_blocks=real_blocks, dim_k=dk, tile_v=_TILE,
         stages=stages, has_s0=initial_state is not None, scores_in_registers=scores_in_registers,
-        update_in_registers=update_in_registers)
+        update_in_registers=update_in_registers, sum_arithmetic=sum_arithmetic)
     o, final, _ = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((batch, padded, heads, dv), q.dtype),
@@ -548,16 +557,17 @@ def checks(shapes, layouts):
 
 
 def _layout(text):
-    """"PxW" or "PxWs" -> (P, W, update_in_registers: None (the default: on when compiled) or False)."""
-    staged = text.endswith("s")
-    p, w = (int(x) for x in text.rstrip("s").split("x"))
-    return p, w, False if staged else None
+    """"PxW" with optional suffixes s (the update's operand staged) and n (no sum arithmetic: timing
+    only) -> (P, W, update_in_registers: None (on when compiled) or False, sum_arithmetic)."""
+    p, w = (int(x) for x in text.rstrip("sn").split("x"))
+    return p, w, False if "s" in text[-2:] else None, not text.endswith("n")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=None, help="comma-separated BxTxHxD")
-    ap.add_argument("--layouts", default="4x8,4x8s,2x8,2x8s", help="comma-separated PxW, PxWs (staged update)")
+    ap.add_argument("--layouts", default="4x8,4x8s,2x8,2x8s",
+                    help="comma-separated PxW with optional suffixes s (staged update), n (no sum arithmetic)")
     ap.add_argument("--peers", default="pallas,jla", help="comma-separated: pallas, pallas_triton, jla")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default=None)
@@ -568,16 +578,16 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "command": "python benchmarks/read_once.py " + " ".join(sys.argv[1:]), "checks": [], "times": {}}
     if args.check:
-        results["checks"] = checks(shapes[:1], sorted({(p, w) for p, w, _ in layouts.values()}))
+        results["checks"] = checks(shapes[:1], sorted({(p, w) for p, w, _, _ in layouts.values()}))
         if args.out:
             json.dump(results, open(args.out, "w"), indent=1)
     names = [f"windows_{n}" for n in layouts] + peers
     for shape in shapes:
         rates = jnp.asarray(alibi_slopes(shape[2]), jnp.float32)
         arg_sets = [_inputs(shape, shape[3], s)[:3] for s in range(2)]
-        fns = {f"windows_{n}": functools.partial(lambda q, k, v, p, w, r: forward_windows(
-            q, k, v, rates, segments=p, window=w, update_in_registers=r)[0], p=p, w=w, r=r)
-            for n, (p, w, r) in layouts.items()}
+        fns = {f"windows_{n}": functools.partial(lambda q, k, v, p, w, r, a: forward_windows(
+            q, k, v, rates, segments=p, window=w, update_in_registers=r, sum_arithmetic=a)[0], p=p, w=w, r=r, a=a)
+            for n, (p, w, r, a) in layouts.items()}
         others = jax_variants(shape, rates)
         for name in peers:
             if name in ("pallas", "pallas_triton"):
