@@ -408,7 +408,7 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
         plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((4, dim_k), jnp.float32),
-        plgpu.SMEM((2, dim_k, tile_v), jnp.float32),  # U slots (in; slot 0 also out, the initial and final states)
+        plgpu.SMEM((2, dim_k, tile_v), jnp.float32),  # U slots: loads; slot 0 also U out and the final state, slot 1 the initial state
         plgpu.Barrier(num_barriers=3 * stages),  # full
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
         plgpu.Barrier(num_barriers=2),  # ready
