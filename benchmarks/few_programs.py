@@ -3,7 +3,8 @@ last wave of programs mostly idle): the Mosaic kernels on whole sequences (one p
 some SMs idle) against the Mosaic kernels with pieces, the Triton kernels, `"pallas"` (which
 chooses) and jla; `mosaic` and `mosaic_no_tail` are the Mosaic op with its own launch plan, with
 and without the tail launch (`config.tail_plan`), `mosaic_backward` the same with the Mosaic
-backward forced (where the plan cuts pieces it would take the Triton one). Forward and forward +
+backward forced (where the plan cuts pieces it would take the Triton one), `mosaic_pieces2` and
+`mosaic_pieces4` the Mosaic op with that many pieces forced (the plan's own choice of backward). Forward and forward +
 backward, timed as attention.py (back-to-back calls, one sync per batch, medians). With --check,
 first the op's output, final state and four gradients against the fp32 quadratic form at two
 half-grid shapes (one with the Triton backward, one with the Mosaic backward), or at
@@ -41,7 +42,7 @@ SHAPES = [(2, 2048, 16, 128), (1, 2048, 16, 128), (2, 4096, 16, 128), (2, 8192, 
           (1, 16384, 16, 128), (8, 1024, 8, 64), (1, 8192, 8, 128), (4, 1024, 16, 64)]
 CHECKS = [(2, 3000, 16, 128, ()), (2, 2000, 16, 128, ())]  # 64 programs: 47 blocks (Triton backward), 32 (Mosaic)
 VARIANTS = ["pallas", "pallas_triton", "mosaic_whole", "mosaic_pieces", "mosaic", "mosaic_no_tail", "mosaic_backward",
-            "jla"]
+            "mosaic_pieces2", "mosaic_pieces4", "jla"]
 
 
 def variant(name, rates, shape, segment_ids=None):
@@ -50,7 +51,8 @@ def variant(name, rates, shape, segment_ids=None):
         return lambda q, k, v: lightning_attention(q, k, v, rates, implementation=name, segment_ids=segment_ids)
     if name.startswith("mosaic"):  # mosaic_pieces and mosaic: the Mosaic op's own launch plan
         config = {"mosaic_whole": MosaicConfig(pieces=1), "mosaic_no_tail": MosaicConfig(tail_pieces=1),
-                  "mosaic_backward": MosaicConfig(backward="mosaic")}.get(name)
+                  "mosaic_backward": MosaicConfig(backward="mosaic"), "mosaic_pieces2": MosaicConfig(pieces=2),
+                  "mosaic_pieces4": MosaicConfig(pieces=4)}.get(name)
         return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config,
                                                    segment_ids=segment_ids)
     return None if segment_ids is not None else jax_variants(shape, rates).get(name)

@@ -420,12 +420,17 @@ def test_segments_refuse_chunk_states():
 
 
 def test_launch_plan():
-    """About one program per SM: pieces below half the SMs, whole sequences from there, rows per
-    program when many; always a power-of-two piece count, >= 4 blocks per piece, and rows dividing
-    batch x pieces."""
+    """About one program per SM: pieces below half the SMs; from there two pieces for rows of 128
+    blocks or more while that still fits the SMs, whole sequences otherwise; rows per program when
+    many; always a power-of-two piece count, >= 4 blocks per piece, and rows dividing batch x
+    pieces."""
     assert launch_plan(1, 65536, 16, 128, 132) == (4, 1)  # 32 programs
     assert launch_plan(1, 16384, 16, 128, 132) == (4, 1)  # 32 programs
-    assert launch_plan(2, 16384, 16, 128, 132) == (1, 1)  # 64 programs: half the SMs, whole sequences
+    assert launch_plan(2, 16384, 16, 128, 132) == (2, 1)  # 64 programs, 256 blocks: two pieces fill the SMs
+    assert launch_plan(3, 16384, 11, 128, 132) == (2, 1)  # 66 programs: 132 with two pieces
+    assert launch_plan(3, 16384, 12, 128, 132) == (1, 1)  # 72 programs: two pieces would not fit
+    assert launch_plan(2, 8192, 16, 128, 132) == (2, 1)  # 128 blocks
+    assert launch_plan(2, 8128, 16, 128, 132) == (1, 1)  # 127 blocks: whole rows
     assert launch_plan(1, 16384, 29, 128, 132) == (2, 1)  # 58 programs: just below half
     assert launch_plan(64, 1024, 16, 128, 132) == (1, 16)  # 2,048 programs
     assert launch_plan(4, 16384, 16, 128, 132) == (1, 1)  # 128 programs: full

@@ -40,8 +40,9 @@ def choose_backend(q_shape, dim_v: int, dtype, *, segments: bool = False, block_
     at 1 x 16,384 x 16 heads (32 programs; 0.169 ms against Triton's 0.161) and 1 x 65,536 x 8
     (16; 0.313 against 0.286), ties at 1 x 32,768 x 16, and wins at 1 x 65,536 x 16 (0.506-0.514
     against 0.542-0.545) and 1 x 131,072 x 16 (1.003 against 1.064). From half the SMs it runs
-    whole sequences and wins the forward (64 programs: 0.268 against 0.284 ms at 2 x 16,384 x 16,
-    0.045 against 0.062 at 2 x 2,048); `pallas_mosaic.config.choose_backward` picks the backward.
+    whole sequences, or two pieces for rows of 8,192 tokens or more (`launch_plan`), and wins the
+    forward (64 programs: 0.233 against 0.282 ms at 2 x 16,384 x 16, 0.045 against 0.062 at
+    2 x 2,048); `pallas_mosaic.config.choose_backward` picks the backward.
     Packed documents (`segments`) run Mosaic both ways, so they take it with dim_v <= 128 and a
     full grid (`FULL_GRID`, about one program per SM) only."""
     if interpret or (interpret is None and jax.default_backend() != "gpu"):

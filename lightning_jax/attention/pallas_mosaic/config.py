@@ -15,11 +15,14 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig
 MOSAIC_BLOCK = 64
 # Programs (batch x heads x 64-wide value tiles) per SM: from FULL_GRID the grid counts as full (128
 # programs on 132 SMs); below HALF_GRID the forward cuts sequences into pieces, from it up it runs
-# whole sequences (launch_plan). SHORT_BLOCKS: rows of at most this many blocks take the Mosaic
+# whole sequences, or two pieces for rows of PIECE_BLOCKS blocks while that fits (launch_plan). SHORT_BLOCKS: rows of at most this many blocks take the Mosaic
 # backward on a grid that is not full (choose_backward). Measured on an H200, docs/kernels.md.
 FULL_GRID = 0.9
 HALF_GRID = 0.45
 SHORT_BLOCKS = 32
+# From half the SMs up to where one program per row fills them, rows of at least PIECE_BLOCKS blocks
+# are cut into two pieces too (launch_plan); shorter rows run whole there.
+PIECE_BLOCKS = 128
 # A last wave of whole rows that leaves most SMs idle runs its heads in pieces instead (tail_plan),
 # for rows of at least TAIL_BLOCKS blocks, in at most MAX_TAIL_PIECES pieces.
 TAIL_BLOCKS = 64
@@ -113,14 +116,15 @@ def launch_plan(batch: int, time: int, heads: int, dim_v: int, sm_count: int) ->
 
     Measured on an H200 (132 SMs; docs/kernels.md): with fewer programs than half the SMs, cutting
     each sequence into pieces wins (1 x 65,536 x 16 heads: 32 programs; 4 pieces 0.56 ms, 8 pieces
-    0.62, none 1.24); with half the SMs or more, whole sequences win even though some SMs idle (64
-    programs: 0.268 against 0.313 ms with 2 pieces at 2 x 16,384 x 16, 0.045 against 0.058 at
-    2 x 2,048); with many programs of short sequences, one program sweeping several rows wins
-    (64 x 1,024 x 16: 2,048 programs; 16 rows each 0.38 ms, one 0.47)."""
+    0.62, none 1.24); with half the SMs (64 programs) two pieces win for rows of PIECE_BLOCKS
+    blocks or more (2 x 16,384 x 16: 0.232 against 0.275 ms whole, 2 x 32,768: 0.455 against
+    0.611) and whole rows for shorter ones (0.045 against 0.058 at 2 x 2,048); with many programs
+    of short sequences, one program sweeping several rows wins (64 x 1,024 x 16: 2,048 programs;
+    16 rows each 0.38 ms, one 0.47)."""
     programs, blocks = grid_size(batch, time, heads, dim_v)
     full = FULL_GRID * sm_count
     pieces = 1
-    if programs < HALF_GRID * sm_count:
+    if programs < HALF_GRID * sm_count or (sm_count // programs >= 2 and blocks >= PIECE_BLOCKS):
         pieces = 1 << ((sm_count // programs).bit_length() - 1)  # a power of two <= the ratio
         pieces = max(1, min(pieces, blocks // 4))  # at least 4 blocks per piece
     rows = batch * pieces
