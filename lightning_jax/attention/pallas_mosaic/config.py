@@ -15,8 +15,9 @@ from lightning_jax.attention.pallas_triton.config import TritonConfig
 MOSAIC_BLOCK = 64
 # Programs (batch x heads x 64-wide value tiles) per SM: from FULL_GRID the grid counts as full (128
 # programs on 132 SMs); below HALF_GRID the forward cuts sequences into pieces, from it up it runs
-# whole sequences, or two pieces for rows of PIECE_BLOCKS blocks while that fits (launch_plan). SHORT_BLOCKS: rows of at most this many blocks take the Mosaic
-# backward on a grid that is not full (choose_backward). Measured on an H200, docs/kernels.md.
+# whole sequences, or two pieces for rows of PIECE_BLOCKS blocks while that fits (launch_plan).
+# SHORT_BLOCKS: rows of at most this many blocks take the Mosaic backward on a grid that is not full
+# (choose_backward). Measured on an H200, docs/kernels.md.
 FULL_GRID = 0.9
 HALF_GRID = 0.45
 SHORT_BLOCKS = 32
