@@ -408,7 +408,8 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
         plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((3, block), jnp.float32),
         plgpu.SMEM((4, dim_k), jnp.float32),
-        plgpu.SMEM((2, dim_k, tile_v), jnp.float32),  # U slots: loads; slot 0 also U out and the final state, slot 1 the initial state
+        # U slots: the loads; slot 0 also U out and the final state, slot 1 the initial state
+        plgpu.SMEM((2, dim_k, tile_v), jnp.float32),
         plgpu.Barrier(num_barriers=3 * stages),  # full
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # consumed
         plgpu.Barrier(num_barriers=2),  # ready
@@ -430,7 +431,8 @@ def _interpret_params(interpret):
     return interpret
 
 
-@functools.partial(jax.jit, static_argnames=("block", "scale", "segments", "window", "stages", "interpret", "sum_arithmetic",
+@functools.partial(jax.jit, static_argnames=("block", "scale", "segments", "window", "stages", "interpret",
+                                             "sum_arithmetic",
                                              "scores_in_registers", "update_in_registers"))
 def forward_windows(q, k, v, rates, initial_state=None, *, block: int = 64, scale: float = 1.0, segments: int = 4,
                     window: int = 8, stages: int = 2, interpret=False, scores_in_registers: bool | None = None,
@@ -572,7 +574,8 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split("x"))
+                                                 for s in args.shapes.split(",") if s]
     layouts = {name: _layout(name) for name in args.layouts.split(",") if name}
     peers = [n for n in args.peers.split(",") if n]
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
