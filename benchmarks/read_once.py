@@ -62,11 +62,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import llvm
 
 sys.path.insert(0, "benchmarks")
 from attention import jax_variants, log, time_jax  # noqa: E402
+from cluster_exchange import _fence  # noqa: E402
 
 from lightning_jax.attention import lightning_attention, reference  # noqa: E402
 from lightning_jax.attention.pallas_mosaic import forward as pieces_forward  # noqa: E402
@@ -85,17 +84,6 @@ from lightning_jax.attention.pallas_mosaic.kernels import (  # noqa: E402
     decay_tables,
 )
 from lightning_jax.attention.schedules import alibi_slopes  # noqa: E402
-
-
-def _fence(asm):
-    """Inline PTX (the GPU only; interpret mode runs with inline_mgpu="ignore")."""
-
-    @plgpu.inline_mgpu()
-    def fence(_):
-        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], asm, "", has_side_effects=True)
-
-    fence()
-
 
 _RELEASE = "fence.proxy.async.global; fence.acq_rel.cluster;"
 _ACQUIRE = "fence.acq_rel.cluster; fence.proxy.async.global;"
@@ -139,6 +127,10 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
     def u_count(w):  # U loads before window w's boundary: p at boundary 0, P - 1 at each after
         return jnp.where(w == 0, 0, p + (w - 1) * (P - 1))
 
+    def u_load(w, l):  # boundary w's load l -> (load number, U's window, U's segment):
+        old = jnp.where(w == 0, 0, P - 1 - p)  # U_(w-1, q > p) first, then U_(w, q < p)
+        return u_count(w) + l, jnp.where(l < old, w - 1, w), jnp.where(l < old, p + 1 + l, l - old)
+
     def scoped(q_s, k_s, v_s, p_s, vs_s, r_s, o_s, mask_s, qdec_s, kdec_s, sdec_s, u_s, full, consumed, ready, free,
                u_full, u_free, tbars, meet, done):
         @pl.when(wg == 2)
@@ -164,12 +156,8 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, cols], v_s.at[slot], full.at[3 * slot + 2])
 
             def load_u(w, first, stop):  # boundary w's U loads first .. stop - 1
-                old = jnp.where(w == 0, 0, P - 1 - p)  # U_(w-1, q > p) first, then U_(w, q < p)
-
                 def one(l, carry):
-                    u = u_count(w) + l
-                    src_w = jnp.where(l < old, w - 1, w)
-                    q = jnp.where(l < old, p + 1 + l, l - old)
+                    u, src_w, q = u_load(w, l)
 
                     @pl.when(u >= 2)
                     def _():
@@ -179,7 +167,6 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
                     return carry
 
                 lax.fori_loop(first, stop, one, 0)
-                return old + p
 
             lax.fori_loop(0, W, lambda i, c: (issue(i, False, seg_first(0) + i), c)[1], 0)  # window 0's sums
 
@@ -261,12 +248,8 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, 
                                                       layout=wgmma.reduce(1)), d)
 
             def fold(t, w, first, stop):  # boundary w's U loads first .. stop - 1 into t
-                old = jnp.where(w == 0, 0, P - 1 - p)
-
                 def one(l, t):
-                    u = u_count(w) + l
-                    src_w = jnp.where(l < old, w - 1, w)
-                    q = jnp.where(l < old, p + 1 + l, l - old)
+                    u, src_w, q = u_load(w, l)
                     plgpu.barrier_wait(u_full.at[u % 2])
                     add = plgpu.load(u_s.at[u % 2], layout=wgmma)
                     plgpu.barrier_arrive(u_free.at[u % 2])
