@@ -110,6 +110,19 @@ def test_few_programs_script_runs_on_cpu(monkeypatch, capsys):
         few_programs.main()
 
 
+def test_fused_dkdv_check_runs_on_cpu(monkeypatch):
+    """benchmarks/fused_dkdv.py's GPU check, interpreted at a tiny case (the fused sweep in 2
+    pieces): both backwards within bf16 error of the oracle; unknown variants are refused."""
+    import fused_dkdv
+
+    row = fused_dkdv.check((1, 200, 2, 64, 64, 2, True), interpret=True)
+    assert len(row["fused"]) == len(row["three_sweeps"]) == 4
+    assert max(row["fused"]) < 2e-2 and max(row["three_sweeps"]) < 2e-2
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["fused_dkdv.py", "--variants", "nope"])
+        fused_dkdv.main()
+
+
 def test_few_programs_times_packed_documents(monkeypatch):
     # --document-length L: every variant gets segment ids t // L (checked against the oracle on the
     # timed inputs), and jla, which has no documents, is skipped.

@@ -700,12 +700,17 @@ def test_choose_backward():
     args = dict(stages=2, sm_count=132)
     assert choose_backward(4, 16384, 16, 128, 1, **args) == "mosaic"  # 128 programs: full
     assert choose_backward(8, 4096, 16, 64, 1, **args) == "mosaic"
-    assert choose_backward(1, 65536, 16, 128, 4, **args) == "triton"  # pieces: the reverse sweeps read twice
+    # pieces: the fused dK/dV sweep in pieces wins; three sweeps in pieces read twice and lose
+    assert choose_backward(1, 65536, 16, 128, 4, **args) == "mosaic"
+    assert choose_backward(1, 65536, 16, 128, 4, **args, fused=False) == "triton"
+    assert choose_backward(1, 65536, 16, 128, 4, **args, dim_k=192) == "triton"  # the fused sweep: dims <= 128
     assert choose_backward(4, 16384, 16, 256, 1, **args) == "triton"  # dim_v past the sweeps' shared memory
     assert choose_backward(4, 16384, 16, 192, 1, stages=1, sm_count=132) == "mosaic"
     assert choose_backward(4, 16384, 16, 256, 1, stages=1, sm_count=132) == "triton"
     assert choose_backward(2, 2048, 16, 128, 1, **args) == "mosaic"  # 64 programs, 32 blocks: short rows
     assert choose_backward(2, 2049, 16, 128, 1, **args) == "triton"  # 33 blocks on a half-filled grid
+    assert choose_backward(2, 8128, 16, 128, 1, **args) == "triton"  # 127 blocks: the fused sweep runs whole
+    assert choose_backward(2, 16384, 16, 128, 2, **args) == "mosaic"  # 256 blocks: the fused sweep in 4 pieces
 
 
 def _gradient_text(config, time=256):

@@ -28,6 +28,9 @@ PIECE_BLOCKS = 128
 # for rows of at least TAIL_BLOCKS blocks, in at most MAX_TAIL_PIECES pieces.
 TAIL_BLOCKS = 64
 MAX_TAIL_PIECES = 4
+# The fused dK/dV sweep runs batch x heads programs, half the two sweeps' at dim_v 128: it wins
+# from 96 programs on 132 SMs and ties at 64 (choose_fused_dkdv).
+DKDV_GRID = 0.7
 
 
 def grid_size(batch: int, time: int, heads: int, dim_v: int) -> tuple[int, int]:
@@ -60,6 +63,9 @@ class MosaicConfig:
     tail_pieces: where whole rows leave a last wave of programs that fills few SMs, the heads of
       that wave run after the others, each sequence in this many pieces (`tail_plan`); 1 turns it
       off, None chooses.
+    fused_dkdv: the Mosaic backward computes dK and dV in one reverse sweep (`dkdv.py`: q, k, v and
+      dO read once) instead of two; it needs no pieces, no segment ids and dims <= 128. None:
+      `choose_fused_dkdv`.
     """
 
     stages: int | None = None
@@ -70,11 +76,14 @@ class MosaicConfig:
     gradients: TritonConfig | None = None
     backward: str | None = None
     tail_pieces: int | None = None
+    fused_dkdv: bool | None = None
 
     def __post_init__(self):
         checks.check_choice("MosaicConfig.stages", self.stages, (None, 1, 2, 3))
         checks.check_choice("MosaicConfig.backward", self.backward, (None, "triton", "mosaic"))
         checks.check_bool("MosaicConfig.warp_specialized", self.warp_specialized)
+        if self.fused_dkdv is not None:
+            checks.check_bool("MosaicConfig.fused_dkdv", self.fused_dkdv)
         if self.stages == 3 and not self.warp_specialized:
             raise checks.ArgumentError(
                 "MosaicConfig.stages", "got 3 with warp_specialized=False, expected 1 or 2 (one warpgroup loads one "
@@ -145,22 +154,31 @@ def choose_state_split(batch: int, heads: int, dim_v: int, pieces: int, sm_count
     return max(1, 2 * sm_count // programs) if pieces > 1 else 1
 
 
-def choose_backward(batch: int, time: int, heads: int, dim_v: int, pieces: int, stages: int, sm_count: int) -> str:
+def choose_backward(batch: int, time: int, heads: int, dim_v: int, pieces: int, stages: int, sm_count: int, *,
+                    dim_k: int | None = None, fused: bool = True) -> str:
     """The backward a call runs when `MosaicConfig.backward` is None: the Mosaic one where the
     forward runs whole sequences (no pieces), dim_v fits its sweeps, and either the grid is full
-    (`FULL_GRID`) or the rows are short (`SHORT_BLOCKS`); Triton otherwise (the Mosaic forward then
-    writes the chunk states the Triton backward reads).
+    (`FULL_GRID`) or the rows are short (`SHORT_BLOCKS`); also wherever its fused dK/dV sweep runs
+    in pieces (`dkdv_plan`; `fused`: unless `MosaicConfig.fused_dkdv` is False; dim_k None means
+    dim_v); Triton otherwise (the Mosaic forward then writes the chunk states the Triton backward
+    reads).
 
-    Measured on an H200 (forward + backward, docs/kernels.md "The Mosaic backward"): on a full grid
-    the Mosaic backward is 1.03-1.21x faster at four of six shapes (4 x 16,384 x 16 x 128: 1.52
-    against 1.69 ms) and 0.99x at the other two; with pieces it loses (1 x 65,536 x 16 x 128: 2.26
-    against 1.89 ms all-Triton), its reverse sweeps reading k, v, q and dO twice. On a half-filled
-    grid (64 programs) it wins with rows of 16-32 blocks (2 x 2,048 x 16 x 128: 0.160 against 0.173
-    ms all-Triton) and loses with longer ones (2 x 4,096: 0.295 against 0.283; 2 x 16,384: 1.079
-    against 0.967): each program's three sweeps take the whole row's time."""
+    Measured on an H200 (forward + backward, docs/kernels.md "The Mosaic backward" and "The fused
+    dK/dV sweep"): on a full grid the Mosaic backward (as three sweeps) is 1.03-1.21x faster at
+    four of six shapes (4 x 16,384 x 16 x 128: 1.52 against 1.69 ms) and 0.99x at the other two;
+    with pieces and three sweeps it loses (1 x 65,536 x 16 x 128: 2.26 against 1.89 ms
+    all-Triton), its reverse sweeps reading k, v, q and dO twice, but with the fused sweep it wins
+    (1.62 against 1.81 ms there, 0.76 against 0.90 at 2 x 16,384). On a half-filled grid (64
+    programs) three sweeps win with rows of 16-32 blocks (2 x 2,048 x 16 x 128: 0.160 against 0.173
+    ms all-Triton) and lose with longer ones (2 x 4,096: 0.295 against 0.283)."""
     programs, blocks = grid_size(batch, time, heads, dim_v)
     grid_ok = programs >= FULL_GRID * sm_count or blocks <= SHORT_BLOCKS
-    return "mosaic" if pieces == 1 and dim_v <= dim_limit(stages) and grid_ok else "triton"
+    if dim_v > dim_limit(stages):
+        return "triton"
+    if pieces == 1 and grid_ok:
+        return "mosaic"
+    plan = dkdv_plan(batch, time, heads, dim_v if dim_k is None else dim_k, dim_v, sm_count) if fused else None
+    return "mosaic" if plan is not None and plan[0] > 1 else "triton"
 
 
 def tail_plan(batch: int, time: int, heads: int, dim_v: int, pieces: int, rows_per_program: int,
@@ -185,3 +203,35 @@ def tail_plan(batch: int, time: int, heads: int, dim_v: int, pieces: int, rows_p
         return 0, 1
     tail_pieces = min(1 << ((sm_count // tail_programs).bit_length() - 1), MAX_TAIL_PIECES, blocks // 4)
     return tail_heads, tail_pieces
+
+
+def dkdv_plan(batch: int, time: int, heads: int, dim_k: int, dim_v: int, sm_count: int) -> tuple[int, int, int] | None:
+    """(pieces, rows_per_program, state_split) for the fused dK/dV sweep (`dkdv.py`), or None
+    where it cannot run (a dim over 128). Its programs are batch x heads x pieces, one fitting an
+    SM: below DKDV_GRID of the SMs, rows of PIECE_BLOCKS blocks or more are cut into the largest
+    power of two of pieces that fits (at least 4 blocks each); with many programs, each takes the
+    largest divisor of its rows that leaves FULL_GRID x sm_count programs. `state_split` as
+    `choose_state_split` gives it for the pieces' first kernel."""
+    if max(dim_k, dim_v) > 128:
+        return None
+    programs, blocks = batch * heads, -(-time // MOSAIC_BLOCK)
+    pieces = 1
+    if programs < DKDV_GRID * sm_count and blocks >= PIECE_BLOCKS and sm_count // programs >= 2:
+        pieces = min(1 << ((sm_count // programs).bit_length() - 1), blocks // 4)
+    rows = batch * pieces
+    per_program = max(d for d in range(1, rows + 1)
+                      if rows % d == 0 and (d == 1 or programs * pieces // d >= FULL_GRID * sm_count))
+    return pieces, per_program, choose_state_split(batch, heads, dim_v, pieces, sm_count)
+
+
+def choose_fused_dkdv(batch: int, heads: int, dim_v: int, pieces: int, sm_count: int) -> bool:
+    """`MosaicConfig.fused_dkdv` when None (where `dkdv_plan` allows it): fused where its grid
+    (batch x heads programs) fills DKDV_GRID of the SMs, or at dim_v <= 64, where the two sweeps'
+    grid (batch x heads x 64-wide value tiles) is no larger, or where `dkdv_plan` cuts pieces.
+
+    Measured on an H200 (the op's backward, docs/kernels.md "The fused dK/dV sweep"): fused
+    against two sweeps 1.34x faster at 64 x 1,024 x 16 x 128 (0.83 against 1.11 ms), 1.28x at
+    1 x 8,192 x 96 (96 programs), 1.10x at 8 x 1,024 x 8 x 64 (64 programs); a tie at
+    4 x 16,384 x 16 x 128 run whole (64 programs of 256 blocks) and 0.96x at 4 x 2,048 x 16 x 128
+    (64 of 32)."""
+    return pieces > 1 or dim_v <= 64 or batch * heads >= DKDV_GRID * sm_count

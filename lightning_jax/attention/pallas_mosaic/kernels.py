@@ -889,7 +889,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
              pieces: int = 1,
              stages: int = 2, rows_per_program: int = 1, warp_specialized: bool = False, interpret=False,
              scores_in_registers: bool | None = None, update_in_registers: bool | None = None,
-             state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1):
+             state_split: int = 1, tail_heads: int = 0, tail_pieces: int = 1, fused: tuple[int, int, int] | None = None):
     """The gradients of `forward` as three sweeps of the same kernels, none of which needs a saved state:
 
         dQ = forward(dO, V, K; S_in^T)                     causal: dQ_t = scale (sum_(s<=t) lambda^(t-s)
@@ -902,18 +902,31 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
     d_o like v, d_final fp32 [batch, heads, dim_k, dim_v] or None (zero). Returns (dq, dk, dv in q's dtype, d_initial_state fp32 or None when
     initial_state is None). `pieces` (and a tail, `tail_heads`) cuts the sequence for all three sweeps.
 
+    `fused`: None sweeps dV and dK apart as above; (pieces, rows_per_program, state_split)
+    computes both in one sweep with that launch plan of its own (`dkdv.dkdv`, which reads q, k, v
+    and dO once; no segment ids, dims <= 128); the dQ sweep is unchanged.
+
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
     common = dict(block=block, scale=scale, stages=stages, rows_per_program=rows_per_program,
                   warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
                   update_in_registers=update_in_registers, state_split=state_split, tail_heads=tail_heads,
                   tail_pieces=tail_pieces)
+    if fused is not None and segment_ids is not None:
+        raise ValueError("fused: the fused dK/dV sweep takes no segment ids")
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
     dq, _ = wait(forward(d_o, v, k, rates, s_in_t, segment_ids, pieces=pieces, **common))
-    dv, g = wait(forward(k, q, d_o, rates, d_final, segment_ids, pieces=pieces, reverse=True, **common))
-    d_final_t = None if d_final is None else jnp.swapaxes(d_final, -1, -2)
-    dk, _ = wait(forward(v, d_o, q, rates, d_final_t, segment_ids, pieces=pieces, reverse=True, **common))
+    if fused is not None:
+        from lightning_jax.attention.pallas_mosaic.dkdv import dkdv  # (it imports this module)
+
+        dkdv_pieces, dkdv_rows, dkdv_split = fused
+        dk, dv, g = wait(dkdv(q, k, v, d_o, rates, d_final, block=block, scale=scale, pieces=dkdv_pieces,
+                              state_split=dkdv_split, rows_per_program=dkdv_rows, interpret=interpret))
+    else:
+        dv, g = wait(forward(k, q, d_o, rates, d_final, segment_ids, pieces=pieces, reverse=True, **common))
+        d_final_t = None if d_final is None else jnp.swapaxes(d_final, -1, -2)
+        dk, _ = wait(forward(v, d_o, q, rates, d_final_t, segment_ids, pieces=pieces, reverse=True, **common))
     d_s_in = None if initial_state is None else jnp.exp(-rates.astype(jnp.float32))[None, :, None, None] * g
     return dq, dk, dv, d_s_in

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lightning_jax import checks
-from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward, choose_stages,
-                                                          choose_state_split, dim_limit, launch_plan, tail_plan)
+from lightning_jax.attention.pallas_mosaic.config import (MOSAIC_BLOCK, MosaicConfig, choose_backward,
+                                                          choose_fused_dkdv, choose_stages, choose_state_split,
+                                                          dim_limit, dkdv_plan, launch_plan, tail_plan)
 from lightning_jax.attention.pallas_mosaic.kernels import backward, forward
 from lightning_jax.attention.pallas_triton.config import gpu_facts
 from lightning_jax.attention.pallas_triton.op import _attention_bwd as _triton_bwd
@@ -128,7 +129,8 @@ def lightning_attention_mosaic(
     elif config.gradients is not None:  # a TritonConfig for the gradients asks for the Triton backward
         backward_kind = "triton"
     else:
-        backward_kind = choose_backward(batch, time, heads, dim_v, pieces, config.stages or 2, sm_count)
+        backward_kind = choose_backward(batch, time, heads, dim_v, pieces, config.stages or 2, sm_count,
+                                        dim_k=q.shape[-1], fused=config.fused_dkdv is not False)
     rows = config.rows_per_program or rows
     tail_heads, tail_pieces = 0, 1
     if config.tail_pieces != 1:
@@ -154,6 +156,12 @@ def lightning_attention_mosaic(
     # where both dims make the same number of 64-wide tiles.
     same_tiles = -(-q.shape[-1] // 64) == -(-dim_v // 64)
     backward_settings, plan = (*shared, *(tail if same_tiles else ()), ("stages", stages(max(q.shape[-1], dim_v)))), None
+    fused_plan = dkdv_plan(batch, time, heads, q.shape[-1], dim_v, sm_count) if segment_ids is None else None
+    fused = config.fused_dkdv
+    if fused is None:
+        fused = fused_plan is not None and choose_fused_dkdv(batch, heads, dim_v, fused_plan[0], sm_count)
+    if fused and fused_plan is not None:
+        backward_settings = (*backward_settings, ("fused", fused_plan))
     if backward_kind == "triton" or interpret:  # (three interpreted Mosaic kernels in one program could deadlock)
         plan = triton_plan_for(q.shape, v.shape[-1], q.dtype, scale=scale, config=config.gradients, interpret=interpret)
         backward_settings = None
