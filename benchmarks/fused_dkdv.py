@@ -4,7 +4,7 @@ replaces, and the op's forward + backward with it on and off.
 
     PYTHONPATH=$PWD python3 benchmarks/fused_dkdv.py [--check] [--kernel-shapes 64x1024x16x128,...]
         [--shapes 4x16384x16x128,...] [--variants default,fused,two_sweeps,mosaic_fused,triton_backward]
-        [--out F.json]
+        [--document-length L] [--out F.json]
 
 --check: `kernels.backward(fused=(pieces, 1, 2))` and the three sweeps against the oracle's dq, dk,
 dv and dL/dS_in (relative to the largest entry) at CHECKS (batch, time, heads, dim_k, dim_v,
@@ -14,10 +14,14 @@ twice, the op's rows per program). --shapes / --variants: the op's forward, then
 backward (o and the three gradients of one `jax.vjp`) through `"pallas_mosaic"` with
 `MosaicConfig(fused_dkdv=...)`: default (the op's choice), fused (True), two_sweeps (False),
 mosaic_fused (the Mosaic backward forced, fused), triton_backward (the Triton backward forced).
-Timing as attention.py: back-to-back calls over two input sets, one sync per sample, medians.
+--document-length L: the op's timings and one more check (the op's gradients through the fused
+sweep against the oracle's, documents starting at 1, 64, 300 and 999 of (2, 1000, 4, 128)) with
+packed documents (segment ids t // L). Timing as attention.py: back-to-back calls over two input
+sets, one sync per sample, medians.
 
-Data (docs/): attention_mosaic_dkdv_first_h200.json (the checks and kernel timings, the first
-version of this script; its fused_r* rows ran the dQ sweep with r rows too),
+Data (docs/, recorded by two scratch scripts this one joins, with the same checks and timing):
+attention_mosaic_dkdv_first_h200.json (checks and kernel timings; its fused_r* rows ran the dQ
+sweep with r rows too),
 attention_mosaic_dkdv_op_h200.json (the op's backward alone: o was not returned, so the forward
 dropped out), attention_mosaic_dkdv_pieces_check_h200.json, attention_mosaic_dkdv_pieces_op_h200.json
 and attention_mosaic_dkdv_half_grid_op_h200.json (forward + backward with o).
@@ -98,14 +102,39 @@ def time_kernel(shape):
     return row
 
 
-def time_op(shape, variants):
+def check_documents(config=MosaicConfig(fused_dkdv=True)):
+    """Relative errors (in norm) of the op's o and gradients with packed documents against the oracle's."""
+    b, t, h, d = 2, 1000, 4, 128
+    q, k, v, d_o, keys = _inputs(b, t, h, d, d, seed=11)
+    rates = jnp.asarray(alibi_slopes(h))
+    seg = jnp.broadcast_to(sum((jnp.arange(t) >= c).astype(jnp.int32) for c in (1, 64, 300, 999)), (b, t))
+    s0 = jax.random.normal(keys[4], (b, h, d, d), jnp.float32)
+
+    def run(f, *args):
+        (o, final), vjp = jax.vjp(f, *args)
+        return (o, *vjp((d_o.astype(o.dtype), jnp.zeros_like(final))))
+
+    ours = run(lambda q, k, v, s: lightning_attention(q, k, v, rates, initial_state=s, implementation="pallas_mosaic",
+                                                      config=config, segment_ids=seg, return_final_state=True),
+               q, k, v, s0)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = run(lambda q, k, v, s: quadratic(q, k, v, rates, s, segment_ids=seg), *up, s0)
+    norm = lambda a, w: float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(w, np.float32))
+                              / np.linalg.norm(np.asarray(w, np.float32)))
+    return dict(case="documents", names=["o", "dq", "dk", "dv", "d_initial_state"],
+                errors=[norm(a, w) for a, w in zip(ours, want)])
+
+
+def time_op(shape, variants, document_length=None):
     """ms: the op's forward, then forward + backward for each variant."""
     b, t, h, d = shape
     rates = jnp.asarray(alibi_slopes(h))
     sets = [_inputs(b, t, h, d, d, seed=s)[:4] for s in range(2)]
+    seg = None if document_length is None else jnp.broadcast_to(jnp.arange(t) // document_length, (b, t))
 
     def op(config):
-        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config)
+        return lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", config=config,
+                                                   segment_ids=seg)
 
     row = dict(shape=list(shape), forward=time_jax(jax.jit(lambda q, k, v, d_o: op(None)(q, k, v)), sets) * 1e3)
     for name in variants:
@@ -127,6 +156,7 @@ def main():
     parser.add_argument("--kernel-shapes", default="")
     parser.add_argument("--shapes", default="64x1024x16x128,4x16384x16x128")
     parser.add_argument("--variants", default="default,two_sweeps")
+    parser.add_argument("--document-length", type=int, default=None)
     parser.add_argument("--out", default="fused_dkdv.json")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -145,12 +175,16 @@ def main():
             results["checks"].append(check(case))
             log(results["checks"][-1])
             save()
+        if args.document_length:
+            results["checks"].append(check_documents())
+            log(results["checks"][-1])
+            save()
     for shape in _shapes(args.kernel_shapes):
         results["kernel"].append(time_kernel(shape))
         log(results["kernel"][-1])
         save()
     for shape in _shapes(args.shapes):
-        results["op"].append(time_op(shape, variants))
+        results["op"].append(time_op(shape, variants, args.document_length))
         log(results["op"][-1])
         save()
 

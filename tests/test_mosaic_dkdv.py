@@ -75,18 +75,52 @@ def test_matches_the_oracle_gradients(batch, time, dim_k, dim_v, d_final, rows, 
 
 def test_backward_with_the_fused_sweep():
     """`backward(fused=...)`: the dQ sweep and the fused one (here in 2 pieces, under a dQ sweep of
-    one) give all four gradients; segment ids are refused."""
+    one) give all four gradients."""
     q, k, v, d_o, s_in, d_f = _inputs(2, 300, 2, 64, 64, seed=7)
     rates = jnp.array([0.02, 0.4])
     fused = backward(q, k, v, rates, s_in, d_o, d_f, warp_specialized=True, fused=(2, 1, 2), interpret=INTERPRET)
     want = _oracle(q, k, v, d_o, rates, s_in, d_f, 1.0)
     for name, a, b, axis in zip(("dq", "dk", "dv", "d_initial_state"), fused, want, (2, 2, 2, 1)):
         assert _rel_per_head(a, b, axis) < 1e-2, name
-    with pytest.raises(ValueError, match="no segment ids"):
-        backward(q, k, v, rates, s_in, d_o, d_f, jnp.zeros((2, 300), jnp.int32), fused=(1, 1, 1), interpret=INTERPRET)
 
 
 INTERPRET = plgpu.InterpretGPUParams()
+
+
+def _segments(batch, time, cuts):
+    """segment_ids [batch, time]: row r starts documents at the positions in cuts[r]."""
+    ids = np.zeros((batch, time), np.int32)
+    for r, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            ids[r, c:] += 2  # gaps in the numbering on purpose
+    return jnp.asarray(ids)
+
+
+# Packed documents: starting inside a block, at a block's first token, in the last ragged block, at
+# the second token; with pieces, inside a piece, at a piece's first token, and every piece after the
+# first inside one document; two rows a program with a row of one document.
+@pytest.mark.parametrize("batch,time,cuts,pieces,rows,d_final", [
+    (1, 200, [[30, 64, 190]], 1, 1, True),
+    (2, 130, [[1, 100], []], 1, 2, True),
+    (1, 330, [[100, 128, 257]], 3, 1, True),
+    (1, 330, [[5]], 2, 1, False),
+])
+def test_segments_match_the_oracle_gradients(batch, time, cuts, pieces, rows, d_final):
+    """dK, dV and dL/dS_in with segment ids, as reference.quadratic(segment_ids=) defines them:
+    attention within a document, dL/dS_final reaching the last document only."""
+    q, k, v, d_o, s_in, d_f = _inputs(batch, time, 2, 64, 64, seed=time + pieces)
+    d_f = d_f if d_final else None
+    seg = _segments(batch, time, cuts)
+    rates = jnp.array([0.001, 0.3])  # a slow decay: the carried G matters
+    got_dk, got_dv, g = jax.block_until_ready(
+        dkdv(q, k, v, d_o, rates, d_f, seg, scale=0.5, pieces=pieces, rows_per_program=rows, interpret=True))
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, final), vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=0.5, segment_ids=seg),
+                              *up, s_in)
+    _, want_dk, want_dv, want_ds = vjp((d_o.astype(jnp.float32), jnp.zeros_like(final) if d_f is None else d_f))
+    assert _rel_per_head(got_dk, want_dk, 2) < 1e-2
+    assert _rel_per_head(got_dv, want_dv, 2) < 1e-2
+    assert _rel_per_head(jnp.exp(-rates)[None, :, None, None] * g, want_ds, 1) < 1e-2
 
 
 def test_no_races():
@@ -107,14 +141,17 @@ def test_no_races():
     (4096, 128, 128, True, 1, True), (1000, 128, 64, False, 2, True), (777, 64, 128, True, 1, True),
     (1000, 64, 64, True, 2, False),
 ])
-def test_cross_lowers_for_sm90(time, dim_k, dim_v, d_final, rows, registers):
+@pytest.mark.parametrize("segments", [False, True])
+def test_cross_lowers_for_sm90(time, dim_k, dim_v, d_final, rows, registers, segments):
     """Layout inference, the dialect lowering and the shared-memory check (dims 128 fill 212 KB)."""
     q = jax.ShapeDtypeStruct((2, time, 2, dim_k), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((2, time, 2, dim_v), jnp.bfloat16)
     rates = jax.ShapeDtypeStruct((2,), jnp.float32)
     d_f = jax.ShapeDtypeStruct((2, 2, dim_k, dim_v), jnp.float32) if d_final else None
-    fn = lambda q, k, v, d_o, r, d_f: dkdv(q, k, v, d_o, r, d_f, rows_per_program=rows, registers=registers)
-    assert "mosaic_gpu" in jax.jit(fn).trace(q, q, v, v, rates, d_f).lower(lowering_platforms=("cuda",)).as_text()
+    seg = jax.ShapeDtypeStruct((2, time), jnp.int32) if segments else None
+    fn = lambda q, k, v, d_o, r, d_f, s: dkdv(q, k, v, d_o, r, d_f, s, rows_per_program=rows, registers=registers)
+    text = jax.jit(fn).trace(q, q, v, v, rates, d_f, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_refuses_what_it_cannot_run():
@@ -124,6 +161,8 @@ def test_refuses_what_it_cannot_run():
         dkdv(jnp.zeros((1, 64, 1, 192), jnp.bfloat16), jnp.zeros((1, 64, 1, 192), jnp.bfloat16), q[:1], q[:1], rates)
     with pytest.raises(ValueError, match="rows_per_program must divide batch"):
         dkdv(q, q, q, q, rates, rows_per_program=3)
+    with pytest.raises(ValueError, match="segment_ids: expected shape"):
+        dkdv(q, q, q, q, rates, None, jnp.zeros((2, 63), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="registers=True needs interpret=False"):
         dkdv(q, q, q, q, rates, interpret=True, registers=True)
 
@@ -148,12 +187,12 @@ def test_plan_and_choice():
         MosaicConfig(fused_dkdv="yes")
 
 
-def _gradient_custom_calls(config, shape=(8, 256, 16, 64)):
+def _gradient_custom_calls(config, shape=(8, 256, 16, 64), segment_ids=None):
     """The Mosaic kernels in the op's lowered gradient (its forward is not needed for it: dropped)."""
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     rates = jnp.linspace(0.1, 0.2, shape[2])
     op = lambda q, k, v: lightning_attention(q, k, v, rates, implementation="pallas_mosaic", interpret=False,
-                                             config=config)
+                                             config=config, segment_ids=segment_ids)
     loss = lambda q, k, v: op(q, k, v).astype(jnp.float32).sum()
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
@@ -166,4 +205,10 @@ def test_op_takes_the_fused_sweep_where_chosen():
     assert _gradient_custom_calls(None) == 2
     assert _gradient_custom_calls(MosaicConfig(fused_dkdv=True)) == 2
     assert _gradient_custom_calls(MosaicConfig(fused_dkdv=False)) == 3
-    assert _gradient_custom_calls(None, shape=(2, 256, 16, 128)) == 3  # 32 programs (pieces: no)
+    assert _gradient_custom_calls(None, shape=(2, 256, 16, 128)) == 3  # 32 programs of 4 blocks: no pieces
+    # 2 x 8,192 x 16: the Mosaic backward (no longer Triton) with the dQ sweep in the forward's 2
+    # pieces and the fused sweep in 4, each a first kernel and a sweep
+    assert _gradient_custom_calls(None, shape=(2, 8192, 16, 128)) == 4
+    seg = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 64)[None].repeat(8, 0)  # packed documents
+    assert _gradient_custom_calls(None, segment_ids=seg) == 2
+    assert _gradient_custom_calls(MosaicConfig(fused_dkdv=False), segment_ids=seg) == 3

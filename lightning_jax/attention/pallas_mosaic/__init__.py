@@ -1,9 +1,11 @@
 """Lightning attention as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
-    config.py    MosaicConfig (the knobs), launch_plan (pieces, rows per program from the shape) and
-                 choose_backward (the Mosaic or the Triton backward)
+    config.py    MosaicConfig (the knobs), launch_plan (pieces, rows per program from the shape),
+                 choose_backward (the Mosaic or the Triton backward), dkdv_plan and
+                 choose_fused_dkdv (the fused dK/dV sweep's launch and whether to run it)
     kernels.py   the kernels: one warpgroup or three (memory, state, output), pieces, rows; the
-                 forward, its chunk states, and the backward as three sweeps of the same kernels
+                 forward, its chunk states, and the backward as sweeps of the same kernels
+    dkdv.py      the backward's dK and dV in one reverse sweep (q, k, v, dO read once)
     op.py        lightning_attention_mosaic: the forward in a custom_vjp whose gradients come from
                  the Mosaic backward or the Pallas-Triton one (MosaicConfig.backward)
 

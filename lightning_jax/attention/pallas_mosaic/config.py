@@ -58,14 +58,15 @@ class MosaicConfig:
     gradients: the `TritonConfig` of the Triton backward (None: its defaults); setting it with
       `backward=None` runs the Triton backward.
     backward: "triton" (the Pallas-Triton backward, reading chunk states the Mosaic forward writes),
-      "mosaic" (`kernels.backward`: three sweeps of the Mosaic kernels, no saved states), or None:
-      `choose_backward`. Interpret mode always runs the Triton backward.
+      "mosaic" (`kernels.backward`: sweeps of the Mosaic kernels, no saved states; dK and dV in one
+      fused sweep where `fused_dkdv` says so), or None: `choose_backward`. Interpret mode always
+      runs the Triton backward.
     tail_pieces: where whole rows leave a last wave of programs that fills few SMs, the heads of
       that wave run after the others, each sequence in this many pieces (`tail_plan`); 1 turns it
       off, None chooses.
     fused_dkdv: the Mosaic backward computes dK and dV in one reverse sweep (`dkdv.py`: q, k, v and
-      dO read once) instead of two; it needs no pieces, no segment ids and dims <= 128. None:
-      `choose_fused_dkdv`.
+      dO read once; its own pieces, `dkdv_plan`; packed documents too) instead of two; it needs
+      dims <= 128. None: `choose_fused_dkdv`.
     """
 
     stages: int | None = None

@@ -15,8 +15,10 @@ aged to the block's end:
     dK_i = ((V_i dO_i^T) * M) Q_i + diag(qdec) V_i G^T
     G   <- lambda^m G + Q_i^T diag(kdec) dO_i
 
-dK contracts over all of dim_v (and dV over dim_k), so a program owns a whole (sequence, head):
-G [dim_k, dim_v] in fp32 registers of one warpgroup (dims <= 128). Three warpgroups:
+dK contracts over all of dim_v (and dV over dim_k), so a program owns a whole row (a sequence,
+or a piece of one, of one head): G [dim_k, dim_v] in fp32 registers of one warpgroup (dims <=
+128). Programs run over (head, group of rows); with pieces, each piece starts from the later
+pieces' G (`kernels._reverse_starts`). Three warpgroups:
 
 - memory (wg 2): TMA-streams q, k, dO, v of block n into slot n % stages once both compute
   warpgroups have released the slot's previous block;
@@ -47,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lightning_jax.attention.pallas_mosaic.kernels import (_TILE, _block_decays, _block_kdec_columns, _block_qdec,
-                                                           _interpret_params, _pad_to, _reverse_starts, _rows, _smem_operand,
-                                                           _walker, decay_tables)
+                                                           _interpret_params, _pad_to, _reverse_starts, _rows,
+                                                           _smem_operand, _walker, decay_tables, segment_tables)
 
 
 def _products(pairs, *, registers, init=None):
@@ -78,9 +80,10 @@ def _products(pairs, *, registers, init=None):
 
 
 def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
-            real_blocks, pieces, rows_per_program, dim_k, dim_v, stages, has_g0, registers):
+            real_blocks, pieces, rows_per_program, dim_k, dim_v, stages, has_g0, has_segments, registers):
     refs = list(refs)
     g0_ref = refs.pop(0) if has_g0 else None
+    seg_ref = refs.pop(0) if has_segments else None
     dk_ref, dv_ref, g_ref = refs
     dt = q_ref.dtype
     h = lax.axis_index("head")
@@ -91,7 +94,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
     halves = dim_v // _TILE  # the fp32 G goes in and out in 64-column halves
 
     def scoped(q_s, k_s, v_s, do_s, g_union, out_union, stage_s, qdec_s, kdec_s, sdec_s, full, consumed, ready,
-               free, tbars, done):
+               free, tbars, done, *segments):
+        seg_s, seg_full = segments if has_segments else (None, None)  # [stages, 5, block] fp32
         r_s, st_s = g_union  # bf16 G [dim_k, dim_v] | fp32 [dim_k, 64] for G in and out
         (dk_s, dv_s), mask_s = out_union  # the dK, dV staging | the fp32 mask before it is read
         kq_s, vq_s, p_s, up_s = stage_s  # interpret mode's staged operands (placeholders with registers)
@@ -111,6 +115,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
                 rows = pl.ds(g * block, block)
                 for t, (src, dst) in enumerate(((q_ref, q_s), (k_ref, k_s), (do_ref, do_s), (v_ref, v_s))):
                     plgpu.copy_gmem_to_smem(src.at[b, rows, h, :], dst.at[slot], full.at[4 * slot + t])
+                if has_segments:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, g], seg_s.at[slot], seg_full.at[slot])
                 return carry
 
             lax.fori_loop(0, steps, load, 0)
@@ -140,11 +146,19 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
                 plgpu.barrier_wait(full.at[4 * slot])  # q
                 plgpu.barrier_wait(full.at[4 * slot + 2])  # dO
                 aged = g_state * _rows(sdec, g_state.shape)
+                if has_segments:  # G carries on only within its document; the block adds its first token's
+                    plgpu.barrier_wait(seg_full.at[slot])
+                    aged = aged * seg_s[slot, 4, 0]
                 if registers:  # A = Q^T diag(kdec) from registers (a transposed load of q)
                     qt = plgpu.load(q_s.at[slot].transpose((1, 0)), layout=wgmma).astype(jnp.float32)
-                    kdec_cols = lax.broadcast_in_dim(_block_kdec_columns(kdec_s, g, real_blocks), qt.shape, [1])
+                    kdec_cols = _block_kdec_columns(kdec_s, g, real_blocks)
+                    if has_segments:
+                        kdec_cols = kdec_cols * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(0))
+                    kdec_cols = lax.broadcast_in_dim(kdec_cols, qt.shape, [1])
                     g_state = _products([((qt * kdec_cols).astype(dt), do_s.at[slot])], registers=True, init=aged)
                 else:  # diag(kdec) dO staged
+                    if has_segments:
+                        kdec = kdec * plgpu.load(seg_s.at[slot, 3], layout=wgmma.reduce(1))
                     d_o = plgpu.load(do_s.at[slot], layout=wgmma).astype(jnp.float32)
                     up_s[...] = (d_o * _rows(kdec, d_o.shape)).astype(dt)
                     plgpu.commit_smem()
@@ -154,7 +168,8 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
 
             def row(r, carry):
                 b, piece, _ = where(r * blocks_per_piece)
-                # G in (the row's start: G_f or the piece's, or zero) through st_s: r_s is free (the last row's end waited).
+                # G in (the row's start: G_f or the piece's, or zero) through st_s; r_s, which shares its
+                # memory, is free (the last row's end waited for it).
                 if g0_ref is None:
                     g_state = plgpu.layout_cast(jnp.zeros((dim_k, dim_v), jnp.float32), wgmma)
                 else:
@@ -186,9 +201,9 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
             plgpu.commit_smem()  # every thread has read the mask before dK and dV take its memory
 
-            def gradient(x_s, y_s, z_s, g_view, xq_s, qdec, wait_ready):
+            def gradient(x_s, y_s, z_s, g_view, xq_s, block_mask, qdec, wait_ready):
                 """((X Y^T) * M) Z + diag(qdec) X G' for one block (G' = G or G^T, the bf16 G)."""
-                scores = (_products([(x_s, y_s.transpose((1, 0)))], registers=False) * mask).astype(dt)
+                scores = (_products([(x_s, y_s.transpose((1, 0)))], registers=False) * block_mask).astype(dt)
                 x = plgpu.load(x_s, layout=wgmma).astype(jnp.float32)
                 xq = (x * _rows(qdec, x.shape)).astype(dt)  # diag(qdec) X
                 if not registers:
@@ -212,9 +227,20 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
                 qdec = _block_qdec(qdec_s, g, real_blocks)
                 for t in range(4):  # q, k, dO, v
                     plgpu.barrier_wait(full.at[4 * slot + t])
-                d_v = gradient(k_s.at[slot], q_s.at[slot], do_s.at[slot], r_s, kq_s, qdec, wait_ready=True)
+                block_mask = mask
+                if has_segments:  # same-document pairs; the carried G's document only
+                    plgpu.barrier_wait(seg_full.at[slot])
+                    rows_seg = plgpu.load(seg_s.at[slot, 0], layout=wgmma.reduce(1))
+                    cols_seg = plgpu.load(seg_s.at[slot, 1], layout=wgmma.reduce(0))
+                    # Documents are whole numbers: 1 - min(d^2, 1) is 1 within one, 0 across.
+                    d = (lax.broadcast_in_dim(rows_seg, (block, block), [0])
+                         - lax.broadcast_in_dim(cols_seg, (block, block), [1]))
+                    ones = plgpu.layout_cast(jnp.ones((block, block), jnp.float32), wgmma)
+                    block_mask = mask * (ones - jnp.minimum(d * d, ones))
+                    qdec = qdec * plgpu.load(seg_s.at[slot, 2], layout=wgmma.reduce(1))
+                d_v = gradient(k_s.at[slot], q_s.at[slot], do_s.at[slot], r_s, kq_s, block_mask, qdec, wait_ready=True)
                 store(d_v, dv_s, dv_ref, b, g)
-                d_k = gradient(v_s.at[slot], do_s.at[slot], q_s.at[slot], r_s.transpose((1, 0)), vq_s, qdec,
+                d_k = gradient(v_s.at[slot], do_s.at[slot], q_s.at[slot], r_s.transpose((1, 0)), vq_s, block_mask, qdec,
                                wait_ready=False)
                 plgpu.barrier_arrive(free)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -250,13 +276,14 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
         plgpu.Barrier(),  # free
         plgpu.Barrier(num_barriers=5),  # tables, G in
         plgpu.Barrier(num_arrivals=3),  # done
+        *([plgpu.SMEM((stages, 5, block), jnp.float32), plgpu.Barrier(num_barriers=stages)] if has_segments else []),
         collective_axes="wg",
     )
 
 
 @functools.partial(jax.jit, static_argnames=("block", "scale", "stages", "pieces", "state_split", "rows_per_program",
                                              "interpret", "registers"))
-def dkdv(q, k, v, d_o, rates, d_final=None, *, block: int = 64, scale: float = 1.0, stages: int = 2, pieces: int = 1,
+def dkdv(q, k, v, d_o, rates, d_final=None, segment_ids=None, *, block: int = 64, scale: float = 1.0, stages: int = 2, pieces: int = 1,
          state_split: int = 1, rows_per_program: int = 1, interpret=False, registers: bool | None = None):
     """dK and dV of `kernels.forward` in one reverse sweep, and G = dL/dS_in / lambda.
 
@@ -265,6 +292,9 @@ def dkdv(q, k, v, d_o, rates, d_final=None, *, block: int = 64, scale: float = 1
         dims <= 128 (zero-padded to multiples of 64 inside).
       rates: [heads] decay rates >= 0. d_final: optional fp32 [batch, heads, dim_k, dim_v],
         dL/dS_final (None: zero).
+      segment_ids: optional [batch, time] integers, non-decreasing along each row (packed
+        documents, as `kernels.forward` takes them): the sums stay within a document, and G_f
+        reaches the last document only. Pieces then sum whole pieces (no `state_split`).
       block: tokens per block (64: wgmma's M, and what fits in shared memory with dims 128).
       stages: q, k, v, dO loads in flight (2 fits in shared memory at dims 128).
       pieces: cut each sequence into this many pieces of whole blocks, run as separate programs
@@ -306,19 +336,22 @@ def dkdv(q, k, v, d_o, rates, d_final=None, *, block: int = 64, scale: float = 1
     start = None
     if d_final is not None:
         start = jnp.pad(d_final.astype(jnp.float32), ((0, 0), (0, 0), (0, dk - dim_k), (0, dv - dim_v)))
+    if segment_ids is not None and segment_ids.shape != (batch, time):
+        raise ValueError(f"segment_ids: expected shape {(batch, time)}, got {segment_ids.shape}")
+    segments = [] if segment_ids is None else [segment_tables(segment_ids, block=block, padded=padded, reverse=True)]
     if pieces > 1:  # each piece's start G: the sums of the pieces after it (Q^T dO, the dV sweep's k and v roles)
-        split = max(d for d in range(1, state_split + 1)
+        split = max(d for d in range(1, (1 if segments else state_split) + 1)
                     if blocks_per_piece % d == 0 and (d == 1 or blocks_per_piece // d >= 4))
         start = _reverse_starts(q, d_o, kdec, sdec, rates, start, time=time, pieces=pieces,
                                 blocks_per_piece=blocks_per_piece, split=split, shape=(batch, time, heads, dk, dv),
-                                real_blocks=real_blocks, head_offset=0, segments=[], segment_ids=None, block=block,
-                                stages=2, rows_per_program=1, warp_specialized=False, interpret=interpret)
+                                real_blocks=real_blocks, head_offset=0, segments=segments, segment_ids=segment_ids,
+                                block=block, stages=2, rows_per_program=1, warp_specialized=False, interpret=interpret)
     elif start is not None:
         start = start[:, None]
-    args = [q, k, v, d_o, mask, qdec, kdec, sdec] + ([start] if start is not None else [])
+    args = [q, k, v, d_o, mask, qdec, kdec, sdec] + ([start] if start is not None else []) + segments
     kernel = functools.partial(_kernel, block=block, blocks_per_piece=blocks_per_piece, real_blocks=real_blocks,
                                pieces=pieces, rows_per_program=rows_per_program, dim_k=dk, dim_v=dv, stages=stages,
-                               has_g0=start is not None, registers=registers)
+                               has_g0=start is not None, has_segments=bool(segments), registers=registers)
     grads_k, grads_v, g = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(v.shape, q.dtype),

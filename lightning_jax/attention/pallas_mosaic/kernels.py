@@ -1,5 +1,6 @@
-"""Lightning Attention as Pallas Mosaic GPU kernels (Hopper): the forward, and the backward as three
-sweeps of the same kernels (`backward`; a reverse sweep walks the blocks last to first).
+"""Lightning Attention as Pallas Mosaic GPU kernels (Hopper): the forward, and the backward as
+sweeps of the same kernels (`backward`; a reverse sweep walks the blocks last to first; dK and dV
+can instead come from one fused sweep, `dkdv.py`).
 
 Programs run over (64-wide value tile, head, group of rows), a row being one piece of one sequence
 (`forward`'s `pieces`, `rows_per_program`). Each walks its rows in blocks of `block` tokens,
@@ -904,7 +905,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
 
     `fused`: None sweeps dV and dK apart as above; (pieces, rows_per_program, state_split)
     computes both in one sweep with that launch plan of its own (`dkdv.dkdv`, which reads q, k, v
-    and dO once; no segment ids, dims <= 128); the dQ sweep is unchanged.
+    and dO once; dims <= 128); the dQ sweep is unchanged.
 
     Interpreting, call it outside `jit`: it waits for each sweep before the next (three
     interpreted kernels in one XLA:CPU program can deadlock on their host callbacks)."""
@@ -912,8 +913,6 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
                   warp_specialized=warp_specialized, interpret=interpret, scores_in_registers=scores_in_registers,
                   update_in_registers=update_in_registers, state_split=state_split, tail_heads=tail_heads,
                   tail_pieces=tail_pieces)
-    if fused is not None and segment_ids is not None:
-        raise ValueError("fused: the fused dK/dV sweep takes no segment ids")
     wait = jax.block_until_ready if interpret else (lambda x: x)
     d_o = d_o.astype(q.dtype)
     s_in_t = None if initial_state is None else jnp.swapaxes(initial_state, -1, -2)
@@ -922,7 +921,7 @@ def backward(q, k, v, rates, initial_state, d_o, d_final, segment_ids=None, *, b
         from lightning_jax.attention.pallas_mosaic.dkdv import dkdv  # (it imports this module)
 
         dkdv_pieces, dkdv_rows, dkdv_split = fused
-        dk, dv, g = wait(dkdv(q, k, v, d_o, rates, d_final, block=block, scale=scale, pieces=dkdv_pieces,
+        dk, dv, g = wait(dkdv(q, k, v, d_o, rates, d_final, segment_ids, block=block, scale=scale, pieces=dkdv_pieces,
                               state_split=dkdv_split, rows_per_program=dkdv_rows, interpret=interpret))
     else:
         dv, g = wait(forward(k, q, d_o, rates, d_final, segment_ids, pieces=pieces, reverse=True, **common))

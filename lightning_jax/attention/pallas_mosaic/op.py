@@ -156,7 +156,7 @@ def lightning_attention_mosaic(
     # where both dims make the same number of 64-wide tiles.
     same_tiles = -(-q.shape[-1] // 64) == -(-dim_v // 64)
     backward_settings, plan = (*shared, *(tail if same_tiles else ()), ("stages", stages(max(q.shape[-1], dim_v)))), None
-    fused_plan = dkdv_plan(batch, time, heads, q.shape[-1], dim_v, sm_count) if segment_ids is None else None
+    fused_plan = dkdv_plan(batch, time, heads, q.shape[-1], dim_v, sm_count)
     fused = config.fused_dkdv
     if fused is None:
         fused = fused_plan is not None and choose_fused_dkdv(batch, heads, dim_v, fused_plan[0], sm_count)
