@@ -169,8 +169,8 @@ def test_refuses_what_it_cannot_run():
 
 def test_plan_and_choice():
     """dkdv_plan: rows per program keep a full grid; below DKDV_GRID, long rows go in pieces; dims
-    over 128 cannot run. choose_fused_dkdv: grids of at least 0.7 x the SMs' programs, dim_v 64
-    (the two sweeps' grid is no larger) or pieces."""
+    over 128 cannot run. choose_fused_dkdv: grids of at least 0.7 x the SMs' programs, pieces, or
+    dim_v 64 where the two sweeps run whole rows too (their grid is then no larger)."""
     assert dkdv_plan(64, 1024, 16, 128, 128, 132) == (1, 8, 1)  # 1,024 programs -> 128
     assert dkdv_plan(16, 4096, 16, 128, 128, 132) == (1, 2, 1)
     assert dkdv_plan(1, 8192, 96, 128, 128, 132) == (1, 1, 1)  # 96 programs: whole rows
@@ -178,11 +178,12 @@ def test_plan_and_choice():
     assert dkdv_plan(1, 65536, 16, 128, 128, 132)[:2] == (8, 1)
     assert dkdv_plan(4, 8128, 16, 128, 128, 132)[:2] == (1, 1)  # 127 blocks: whole
     assert dkdv_plan(4, 16384, 16, 128, 192, 132) is None
-    assert choose_fused_dkdv(1, 96, 128, 1, 132)  # 96 programs: measured 1.28x faster (docs/kernels.md)
-    assert not choose_fused_dkdv(4, 16, 128, 1, 132)  # 64 programs of short rows
-    assert not choose_fused_dkdv(1, 92, 128, 1, 132)  # under 0.7 x 132
-    assert choose_fused_dkdv(8, 8, 64, 1, 132)  # dim 64: 1.10x
-    assert choose_fused_dkdv(4, 16, 128, 2, 132)  # pieces
+    assert choose_fused_dkdv(1, 96, 128, 1, 1, 132)  # 96 programs: measured 1.28x faster (docs/kernels.md)
+    assert not choose_fused_dkdv(4, 16, 128, 1, 1, 132)  # 64 programs of short rows
+    assert not choose_fused_dkdv(1, 92, 128, 1, 1, 132)  # under 0.7 x 132
+    assert choose_fused_dkdv(8, 8, 64, 1, 1, 132)  # dim 64: 1.10x
+    assert not choose_fused_dkdv(1, 2, 64, 1, 16, 132)  # dim 64, but the sweeps run 16 pieces: 16x the programs
+    assert choose_fused_dkdv(4, 16, 128, 2, 1, 132)  # pieces
     with pytest.raises(checks.ArgumentTypeError, match="fused_dkdv"):
         MosaicConfig(fused_dkdv="yes")
 

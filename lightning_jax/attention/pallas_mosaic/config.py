@@ -225,14 +225,17 @@ def dkdv_plan(batch: int, time: int, heads: int, dim_k: int, dim_v: int, sm_coun
     return pieces, per_program, choose_state_split(batch, heads, dim_v, pieces, sm_count)
 
 
-def choose_fused_dkdv(batch: int, heads: int, dim_v: int, pieces: int, sm_count: int) -> bool:
-    """`MosaicConfig.fused_dkdv` when None (where `dkdv_plan` allows it): fused where its grid
-    (batch x heads programs) fills DKDV_GRID of the SMs, or at dim_v <= 64, where the two sweeps'
-    grid (batch x heads x 64-wide value tiles) is no larger, or where `dkdv_plan` cuts pieces.
+def choose_fused_dkdv(batch: int, heads: int, dim_v: int, pieces: int, sweep_pieces: int, sm_count: int) -> bool:
+    """`MosaicConfig.fused_dkdv` when None (where `dkdv_plan` allows it, `pieces` its pieces): fused
+    where `dkdv_plan` cuts pieces, where its grid (batch x heads x pieces programs) fills DKDV_GRID
+    of the SMs, or at dim_v <= 64 when the two sweeps run whole rows too (`sweep_pieces`, the
+    forward's pieces, is 1), their grid (batch x heads x 64-wide value tiles) then being no larger.
 
     Measured on an H200 (the op's backward, docs/kernels.md "The fused dK/dV sweep"): fused
     against two sweeps 1.34x faster at 64 x 1,024 x 16 x 128 (0.83 against 1.11 ms), 1.28x at
     1 x 8,192 x 96 (96 programs), 1.10x at 8 x 1,024 x 8 x 64 (64 programs); a tie at
     4 x 16,384 x 16 x 128 run whole (64 programs of 256 blocks) and 0.96x at 4 x 2,048 x 16 x 128
     (64 of 32)."""
-    return pieces > 1 or dim_v <= 64 or batch * heads >= DKDV_GRID * sm_count
+    if pieces > 1 or batch * heads * pieces >= DKDV_GRID * sm_count:
+        return True
+    return dim_v <= 64 and sweep_pieces == 1

@@ -49,8 +49,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lightning_jax.attention.pallas_mosaic.kernels import (_TILE, _block_decays, _block_kdec_columns, _block_qdec,
-                                                           _interpret_params, _pad_to, _reverse_starts, _rows,
-                                                           _smem_operand, _walker, decay_tables, segment_tables)
+                                                           _document_mask, _interpret_params, _load_tables, _pad_to,
+                                                           _reverse_starts, _rows, _smem_operand, _stream_blocks,
+                                                           _walker, decay_tables, segment_tables)
 
 
 def _products(pairs, *, registers, init=None):
@@ -104,32 +105,20 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def load(n, carry):
-                slot = n % stages
-
-                @pl.when(n >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
+            def issue(n, slot):
                 b, _, g = where(n)
                 rows = pl.ds(g * block, block)
                 for t, (src, dst) in enumerate(((q_ref, q_s), (k_ref, k_s), (do_ref, do_s), (v_ref, v_s))):
                     plgpu.copy_gmem_to_smem(src.at[b, rows, h, :], dst.at[slot], full.at[4 * slot + t])
                 if has_segments:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, g], seg_s.at[slot], seg_full.at[slot])
-                return carry
 
-            lax.fori_loop(0, steps, load, 0)
-            for n in range(max(steps - stages, 0), steps):  # the last releases
-                plgpu.barrier_wait(consumed.at[n % stages])
+            _stream_blocks(steps, stages, consumed, issue)
 
         @pl.when(wg == 1)
         def _state():
             plgpu.set_max_registers(232, action="increase")
-            plgpu.copy_gmem_to_smem(kdec_ref.at[h], kdec_s, tbars.at[0])
-            plgpu.copy_gmem_to_smem(sdec_ref.at[h], sdec_s, tbars.at[1])
-            plgpu.barrier_wait(tbars.at[0])
-            plgpu.barrier_wait(tbars.at[1])
+            _load_tables((kdec_ref.at[h], kdec_s, tbars.at[0]), (sdec_ref.at[h], sdec_s, tbars.at[1]))
 
             def step(n, g_state):
                 slot = n % stages
@@ -194,10 +183,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
         @pl.when(wg == 0)
         def _output():
             plgpu.set_max_registers(232, action="increase")
-            plgpu.copy_gmem_to_smem(mask_ref.at[h], mask_s, tbars.at[3])
-            plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[4])
-            plgpu.barrier_wait(tbars.at[3])
-            plgpu.barrier_wait(tbars.at[4])
+            _load_tables((mask_ref.at[h], mask_s, tbars.at[3]), (qdec_ref.at[h], qdec_s, tbars.at[4]))
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
             plgpu.commit_smem()  # every thread has read the mask before dK and dV take its memory
 
@@ -230,14 +216,7 @@ def _kernel(q_ref, k_ref, v_ref, do_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref,
                 block_mask = mask
                 if has_segments:  # same-document pairs; the carried G's document only
                     plgpu.barrier_wait(seg_full.at[slot])
-                    rows_seg = plgpu.load(seg_s.at[slot, 0], layout=wgmma.reduce(1))
-                    cols_seg = plgpu.load(seg_s.at[slot, 1], layout=wgmma.reduce(0))
-                    # Documents are whole numbers: 1 - min(d^2, 1) is 1 within one, 0 across.
-                    d = (lax.broadcast_in_dim(rows_seg, (block, block), [0])
-                         - lax.broadcast_in_dim(cols_seg, (block, block), [1]))
-                    ones = plgpu.layout_cast(jnp.ones((block, block), jnp.float32), wgmma)
-                    block_mask = mask * (ones - jnp.minimum(d * d, ones))
-                    qdec = qdec * plgpu.load(seg_s.at[slot, 2], layout=wgmma.reduce(1))
+                    block_mask, qdec = _document_mask(seg_s, slot, mask, qdec)
                 d_v = gradient(k_s.at[slot], q_s.at[slot], do_s.at[slot], r_s, kq_s, block_mask, qdec, wait_ready=True)
                 store(d_v, dv_s, dv_ref, b, g)
                 d_k = gradient(v_s.at[slot], do_s.at[slot], q_s.at[slot], r_s.transpose((1, 0)), vq_s, block_mask, qdec,

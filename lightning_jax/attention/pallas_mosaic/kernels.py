@@ -289,6 +289,48 @@ _SCRATCH = ("q_s", "k_s", "v_s", "p_s", "vs_s", "r_s", "o_s", "mask_s", "qdec_s"
             "bars", "tbars")
 
 
+def _stream_blocks(steps, stages, consumed, issue):
+    """The memory warpgroup's loop: `issue(n, slot)` starts block n's copies into slot n % stages
+    once both compute warpgroups have released the slot's previous block (`consumed`); at the end it
+    waits for the last releases, so every arrival is waited for before the program ends."""
+
+    def load(n, carry):
+        slot = n % stages
+
+        @pl.when(n >= stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        issue(n, slot)
+        return carry
+
+    lax.fori_loop(0, steps, load, 0)
+    for n in range(max(steps - stages, 0), steps):  # the last releases
+        plgpu.barrier_wait(consumed.at[n % stages])
+
+
+def _load_tables(*copies):
+    """(source, destination, barrier) copies of per-head tables to shared memory, all in flight at
+    once, then waited for."""
+    for src, dst, barrier in copies:
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
+    for _, _, barrier in copies:
+        plgpu.barrier_wait(barrier)
+
+
+def _document_mask(seg_s, slot, mask, qdec):
+    """With packed documents (`segment_tables`, slot's block): the mask [block, block] kept to
+    same-document pairs, and the q decays [block] to the tokens of the carried state's document."""
+    wgmma = plgpu.Layout.WGMMA
+    block = mask.shape[0]
+    rows_seg = plgpu.load(seg_s.at[slot, 0], layout=wgmma.reduce(1))
+    cols_seg = plgpu.load(seg_s.at[slot, 1], layout=wgmma.reduce(0))
+    # Documents are whole numbers: 1 - min(d^2, 1) is 1 within one, 0 across.
+    d = lax.broadcast_in_dim(rows_seg, (block, block), [0]) - lax.broadcast_in_dim(cols_seg, (block, block), [1])
+    ones = plgpu.layout_cast(jnp.ones((block, block), jnp.float32), wgmma)
+    return mask * (ones - jnp.minimum(d * d, ones)), qdec * plgpu.load(seg_s.at[slot, 2], layout=wgmma.reduce(1))
+
+
 def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *refs, block, blocks_per_piece,
                real_blocks, pieces, rows_per_program, dim_k, tile_v, stages, has_s0, chunk_blocks=None, reverse=False,
                scores_in_registers=False, update_in_registers=False, has_segments=False, head_offset=0):
@@ -332,13 +374,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def load(n, carry):
-                slot = n % stages
-
-                @pl.when(n >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
+            def issue(n, slot):
                 b, _, g = where(n)
                 rows = pl.ds(g * block, block)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, :], q_s.at[slot], full.at[3 * slot])
@@ -346,19 +382,13 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, cols], v_s.at[slot], full.at[3 * slot + 2])
                 if has_segments:
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, g], seg_s.at[slot], seg_full.at[slot])
-                return carry
 
-            lax.fori_loop(0, steps, load, 0)
-            for n in range(max(steps - stages, 0), steps):  # the last releases
-                plgpu.barrier_wait(consumed.at[n % stages])
+            _stream_blocks(steps, stages, consumed, issue)
 
         @pl.when(wg == 1)
         def _state():
             plgpu.set_max_registers(232, action="increase")
-            plgpu.copy_gmem_to_smem(kdec_ref.at[h], kdec_s, tbars.at[0])
-            plgpu.copy_gmem_to_smem(sdec_ref.at[h], sdec_s, tbars.at[1])
-            plgpu.barrier_wait(tbars.at[0])
-            plgpu.barrier_wait(tbars.at[1])
+            _load_tables((kdec_ref.at[h], kdec_s, tbars.at[0]), (sdec_ref.at[h], sdec_s, tbars.at[1]))
 
             def step(n, s):
                 slot = n % stages
@@ -406,10 +436,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
         @pl.when(wg == 0)
         def _output():
             plgpu.set_max_registers(232, action="increase")
-            plgpu.copy_gmem_to_smem(mask_ref.at[h], mask_s, tbars.at[2])
-            plgpu.copy_gmem_to_smem(qdec_ref.at[h], qdec_s, tbars.at[3])
-            plgpu.barrier_wait(tbars.at[2])
-            plgpu.barrier_wait(tbars.at[3])
+            _load_tables((mask_ref.at[h], mask_s, tbars.at[2]), (qdec_ref.at[h], qdec_s, tbars.at[3]))
             mask = plgpu.load(mask_s, layout=wgmma)  # [block, block]
 
             def step(n, carry):
@@ -421,14 +448,7 @@ def _kernel_ws(q_ref, k_ref, v_ref, mask_ref, qdec_ref, kdec_ref, sdec_ref, *ref
                 block_mask = mask
                 if has_segments:  # same-document pairs; the carried state's document only
                     plgpu.barrier_wait(seg_full.at[slot])
-                    rows_seg = plgpu.load(seg_s.at[slot, 0], layout=wgmma.reduce(1))
-                    cols_seg = plgpu.load(seg_s.at[slot, 1], layout=wgmma.reduce(0))
-                    # Documents are whole numbers: 1 - min(d^2, 1) is 1 within one, 0 across.
-                    d = (lax.broadcast_in_dim(rows_seg, (block, block), [0])
-                         - lax.broadcast_in_dim(cols_seg, (block, block), [1]))
-                    ones = plgpu.layout_cast(jnp.ones((block, block), jnp.float32), wgmma)
-                    block_mask = mask * (ones - jnp.minimum(d * d, ones))
-                    qdec = qdec * plgpu.load(seg_s.at[slot, 2], layout=wgmma.reduce(1))
+                    block_mask, qdec = _document_mask(seg_s, slot, mask, qdec)
                 scores = _mm(q_s.at[slot], k_s.at[slot].transpose((1, 0))) * block_mask
                 if scores_in_registers:  # (P V with A from registers: no staging of P)
                     plgpu.barrier_wait(full.at[3 * slot + 2])

@@ -159,7 +159,7 @@ def lightning_attention_mosaic(
     fused_plan = dkdv_plan(batch, time, heads, q.shape[-1], dim_v, sm_count)
     fused = config.fused_dkdv
     if fused is None:
-        fused = fused_plan is not None and choose_fused_dkdv(batch, heads, dim_v, fused_plan[0], sm_count)
+        fused = fused_plan is not None and choose_fused_dkdv(batch, heads, dim_v, fused_plan[0], pieces, sm_count)
     if fused and fused_plan is not None:
         backward_settings = (*backward_settings, ("fused", fused_plan))
     if backward_kind == "triton" or interpret:  # (three interpreted Mosaic kernels in one program could deadlock)
