@@ -28,6 +28,24 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def rel_err_per_head(x, ref, head_axis) -> float:
+    """Worst relative error (in norm) over heads: a fast-decaying head's small outputs are not
+    hidden by the large outputs of a head without decay."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    x, ref = np.moveaxis(x, head_axis, 0), np.moveaxis(ref, head_axis, 0)
+    return max(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30) for a, b in zip(x, ref))
+
+
+def segment_ids_from_cuts(batch, time, cuts, seed=0):
+    """segment_ids [batch, time]: row r starts documents at the positions in cuts[r] (arbitrary
+    non-decreasing ids, gaps in the numbering on purpose: the kernels renumber them)."""
+    ids = np.zeros((batch, time), np.int32)
+    for r, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            ids[r, c:] += 3 + seed
+    return ids
+
+
 def assert_trees_close(actual, expected, rtol):
     """Pytrees of arrays equal leaf by leaf to `rtol` of each expected leaf's largest |value| (1 for
     an all-zero leaf)."""

@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oracles import rel_err_per_head as _rel_per_head
+from oracles import segment_ids_from_cuts
+
 from lightning_jax import checks
 from lightning_jax.attention import MosaicConfig, lightning_attention, reference
 from lightning_jax.attention.pallas_mosaic.config import choose_fused_dkdv, dkdv_plan
@@ -36,12 +39,6 @@ def _oracle(q, k, v, d_o, rates, s_in, d_final, scale):
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     (_, final), vjp = jax.vjp(lambda q, k, v, s: reference.quadratic(q, k, v, rates, s, scale=scale), *up, s_in)
     return vjp((d_o.astype(jnp.float32), jnp.zeros_like(final) if d_final is None else d_final))
-
-
-def _rel_per_head(x, ref, head_axis):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    x, ref = np.moveaxis(x, head_axis, 0), np.moveaxis(ref, head_axis, 0)
-    return max(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30) for a, b in zip(x, ref))
 
 
 # (batch, time, dim_k, dim_v, dL/dS_final, rows per program, rates, pieces): one token; a block
@@ -87,15 +84,6 @@ def test_backward_with_the_fused_sweep():
 INTERPRET = plgpu.InterpretGPUParams()
 
 
-def _segments(batch, time, cuts):
-    """segment_ids [batch, time]: row r starts documents at the positions in cuts[r]."""
-    ids = np.zeros((batch, time), np.int32)
-    for r, row_cuts in enumerate(cuts):
-        for c in row_cuts:
-            ids[r, c:] += 2  # gaps in the numbering on purpose
-    return jnp.asarray(ids)
-
-
 # Packed documents: starting inside a block, at a block's first token, in the last ragged block, at
 # the second token; with pieces, inside a piece, at a piece's first token, and every piece after the
 # first inside one document; two rows a program with a row of one document.
@@ -110,7 +98,7 @@ def test_segments_match_the_oracle_gradients(batch, time, cuts, pieces, rows, d_
     attention within a document, dL/dS_final reaching the last document only."""
     q, k, v, d_o, s_in, d_f = _inputs(batch, time, 2, 64, 64, seed=time + pieces)
     d_f = d_f if d_final else None
-    seg = _segments(batch, time, cuts)
+    seg = jnp.asarray(segment_ids_from_cuts(batch, time, cuts))
     rates = jnp.array([0.001, 0.3])  # a slow decay: the carried G matters
     got_dk, got_dv, g = jax.block_until_ready(
         dkdv(q, k, v, d_o, rates, d_f, seg, scale=0.5, pieces=pieces, rows_per_program=rows, interpret=True))

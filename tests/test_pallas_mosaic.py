@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oracles import rel_err_per_head as _rel_per_head
+from oracles import segment_ids_from_cuts
+
 from lightning_jax.attention import MosaicConfig, TritonConfig, lightning_attention, reference
 from lightning_jax.attention.pallas import choose_backend
 from lightning_jax.attention.pallas_mosaic.config import (choose_backward, choose_stages, choose_state_split, launch_plan,
@@ -45,15 +48,6 @@ def _inputs(batch, time, heads, dim_k, dim_v, dtype=jnp.bfloat16, seed=0):
     v = jax.random.normal(keys[2], (batch, time, heads, dim_v)).astype(dtype)
     s_in = jax.random.normal(keys[3], (batch, heads, dim_k, dim_v))
     return q, k, v, s_in
-
-
-def _rel_per_head(x, ref, head_axis):
-    """Worst relative error over heads: a fast-decaying head's small outputs are not hidden by the
-    large outputs of a head without decay."""
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    x, ref = np.moveaxis(x, head_axis, 0), np.moveaxis(ref, head_axis, 0)
-    errs = [np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30) for a, b in zip(x, ref)]
-    return max(errs)
 
 
 def _check(q, k, v, rates, s_in, *, tol=1e-2, **kw):
@@ -323,13 +317,7 @@ def test_state_split_matches_no_split(time, reverse, kw):
 
 
 def _segments(batch, time, cuts, seed):
-    """segment_ids [batch, time]: row r starts documents at the positions in cuts[r] (arbitrary
-    non-decreasing ids: the kernels renumber them)."""
-    ids = np.zeros((batch, time), np.int32)
-    for r, row_cuts in enumerate(cuts):
-        for c in row_cuts:
-            ids[r, c:] += 3 + seed  # gaps in the numbering on purpose
-    return jnp.asarray(ids)
+    return jnp.asarray(segment_ids_from_cuts(batch, time, cuts, seed))
 
 
 # Documents starting inside a block, exactly at a block's first token, in the last ragged block,
